@@ -1,0 +1,5 @@
+import sys
+
+from evolq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""The ``evolq`` command: ``quantize``, ``landscape``, ``compare``, ``train-default``.
+
+Exit codes: 0 done, 2 usage error, 1 runtime failure, 130 / 143 interrupted (SIGINT / SIGTERM).
+Errors are one line on stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Callable, Sequence
+
+from evolq.errors import RunError, UsageError
+
+EXIT_USAGE, EXIT_RUNTIME = 2, 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
+
+
+def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default' (embedded Fashion-MNIST ViT) or a timm vit_*/deit_* name")
+    parser.add_argument("--checkpoint", help="weights for --model: a safetensors or weights-only torch file")
+    parser.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs them in the local cache)")
+    parser.add_argument("--data", default="fmnist", help="'fmnist' or an ImageNet-style folder with train/ and val/")
+    parser.add_argument("--data-dir", help="folder of the Fashion-MNIST *-ubyte.gz files (default: $EVOLQ_FMNIST_DIR or the Debian package's)")
+    parser.add_argument("--preset", default=None, help="quantization preset wXaY: w8a8, w4a8, w3a8, w4a4, w3a4, ... (default w4a8)")
+    parser.add_argument("--wbits", type=int, help="weight bits, 2..8 (overrides the preset)")
+    parser.add_argument("--abits", type=int, help="activation bits, 2..8 (overrides the preset)")
+    parser.add_argument("--calib-size", type=int, default=1000, help="calibration images from train (default 1000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--loss", default="infonce", help="infonce (default), mse, kl or cosine")
+    parser.add_argument("--out", help="run folder for the outputs")
+
+
+def _quantize_parser(commands) -> None:
+    parser = commands.add_parser("quantize", help="PTQ-calibrate a ViT and search its quantization scales")
+    _add_common(parser)
+    parser.add_argument("--optimizer", default="evolq", help="evolq (default), cmaes, random, gradient, ng:<name>, or none (PTQ only)")
+    parser.add_argument("--passes", type=int, default=10, help="sweeps over all blocks (default 10)")
+    parser.add_argument("--evaluations-per-block", type=int, default=4, help="objective evaluations per block visit (default 4)")
+    parser.add_argument("--selection-size", type=int, default=1000, help="held-out training images used to pick the best pass")
+    parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--config", help="re-run the configuration recorded in a result.json (other options are ignored)")
+    parser.set_defaults(handler=_quantize)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from evolq.pipeline import DEMO_PRESET, RunConfig, run_quantize
+
+    if args.config:
+        config = RunConfig.from_result(args.config)
+    else:
+        config = RunConfig(
+            model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
+            data_dir=args.data_dir, preset=args.preset or DEMO_PRESET, wbits=args.wbits, abits=args.abits,
+            calib_size=args.calib_size, selection_size=args.selection_size, eval_size=args.eval_size,
+            seed=args.seed, device=args.device, optimizer=args.optimizer, passes=args.passes,
+            evaluations_per_block=args.evaluations_per_block, loss=args.loss,
+        )
+    out = args.out or f"runs/{config.model}-{config.quant_config().name}-{config.optimizer}-seed{config.seed}"
+    result = run_quantize(config, out=out, resume=args.resume)
+    _print_table(result)
+    print(f"wrote {out}/result.json")
+    return 0
+
+
+def _print_table(result: dict) -> None:
+    rows = [("FP top-1", result["fp_top1"]), ("PTQ top-1", result["ptq_top1"])]
+    if result.get("evaluations"):
+        rows.append(("searched top-1", result["final_top1"]))
+    rows += [("calib loss PTQ", result["calib_loss_ptq"]), ("calib loss final", result["calib_loss_final"])]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:8.3f}")
+    print(f"{'evaluations':<{width}}  {result['evaluations']:8d}   wall {result['wall_s']:.1f} s")
+
+
+def _train_parser(commands) -> None:
+    parser = commands.add_parser("train-default", help="train the embedded default model (resumable)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", default="runs/train-default")
+    parser.add_argument("--data-dir")
+    parser.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from evolq.zoo.train import Recipe, train_default
+
+    recipe = Recipe(seed=args.seed) if args.epochs is None else Recipe(seed=args.seed, epochs=args.epochs)
+    card = train_default(recipe, work_dir=args.work_dir, data_dir=args.data_dir)
+    print(f"test top-1 {card['test_top1']:.2f}%  sha256 {card['sha256']}")
+    return 0
+
+
+SUBCOMMANDS: list[Callable] = [_quantize_parser, _train_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evolq", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return args.handler(args)
+    except Terminated:
+        print("evolq: terminated; the last checkpoint is kept (use --resume)", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("evolq: interrupted; the last checkpoint is kept (use --resume)", file=sys.stderr)
+        return 130
+    except (UsageError, RunError, ValueError, OSError) as error:
+        if args.debug:
+            raise
+        print(f"evolq: error: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, (UsageError, ValueError)) else EXIT_RUNTIME
+    except Exception as error:  # noqa: BLE001 - unexpected: one line, traceback with --debug
+        if args.debug:
+            raise
+        print(f"evolq: failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

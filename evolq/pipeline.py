@@ -1,0 +1,168 @@
+"""The Evol-Q pipeline behind ``evolq quantize``: calibrate, evaluate, search, evaluate, save.
+
+A run folder holds ``result.json`` (numbers, config, versions), ``history.csv`` (one row per
+objective evaluation), ``scales.safetensors`` (every quantizer's scale and zero point) and,
+while the search runs, ``checkpoint.safetensors`` for ``--resume``. All are written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from evolq.data import load_data, stack
+from evolq.errors import UsageError
+from evolq.evaluate import top1
+from evolq.files import load_tensors, read_json, save_tensors, write_json, write_text
+from evolq.models import create_model
+from evolq.objective import fp_logits, model_loss
+from evolq.qmodel import QuantizedModel
+from evolq.quant.config import QuantConfig
+from evolq.search import search
+
+DEMO_PRESET = "w4a8"
+PACKAGES = ("evolq", "torch", "timm", "numpy", "nevergrad", "cma")
+# Settings that do not change a run's numbers, so --resume accepts a change of them.
+NOT_IN_FINGERPRINT = ("device", "threads", "progress")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines an ``evolq quantize`` run; recorded in ``result.json``."""
+
+    model: str = "default"
+    checkpoint: str | None = None
+    pretrained: bool = False
+    data: str = "fmnist"
+    data_dir: str | None = None
+    preset: str = DEMO_PRESET
+    wbits: int | None = None
+    abits: int | None = None
+    calib_size: int = 1000
+    selection_size: int = 1000
+    eval_size: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    optimizer: str = "evolq"
+    passes: int = 10
+    evaluations_per_block: int = 4
+    loss: str = "infonce"
+    order: str = "reverse"
+
+    def quant_config(self) -> QuantConfig:
+        base = QuantConfig.preset(self.preset)
+        return base.with_(wbits=self.wbits or base.wbits, abits=self.abits or base.abits)
+
+    @classmethod
+    def from_result(cls, path: str | Path) -> "RunConfig":
+        """The config recorded in a run's ``result.json`` (``evolq quantize --config``)."""
+        recorded = read_json(path).get("config")
+        if not isinstance(recorded, dict):
+            raise UsageError(f"file {str(path)!r} has no 'config'; allowed: a result.json written by evolq")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in recorded.items() if k in known})
+
+    def fingerprint(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in NOT_IN_FINGERPRINT}
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device {name!r} is unknown; allowed: cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} is not available on this machine; allowed: cpu")
+    return device
+
+
+def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(device) for t in tensors]
+
+
+def run_quantize(config: RunConfig, out: str | Path | None = None, resume: bool = False,
+                 progress: bool = True) -> dict:
+    """Run the pipeline; returns the ``result.json`` content (also written to ``out`` if given)."""
+    started = time.time()
+    device = _device(config.device)
+    quant_config = config.quant_config()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, config.checkpoint, config.pretrained)
+    splits = load_data(config.data, model, config.calib_size, config.selection_size, config.seed, config.data_dir)
+    evaluation = splits.evaluation
+    if config.eval_size is not None:
+        evaluation = Subset(evaluation, range(min(config.eval_size, len(evaluation))))
+    calib_images, _ = stack(splits.calib)
+    selection = stack(splits.selection)
+    calib_images, *selection = _to(device, calib_images, *selection)
+    qmodel = QuantizedModel(model, quant_config).to(device).calibrate(calib_images, progress=progress)
+
+    def accuracy(desc: str) -> float:
+        return top1(qmodel, evaluation, progress=progress, desc=desc, device=device)
+
+    with qmodel.fp():
+        fp_top1 = accuracy("FP top-1")
+    ptq_top1 = accuracy("PTQ top-1")
+    targets = fp_logits(qmodel, calib_images)
+    calib_loss_ptq = model_loss(qmodel, calib_images, targets, config.loss)
+    result = dict(
+        fp_top1=fp_top1, ptq_top1=ptq_top1, final_top1=ptq_top1,
+        calib_loss_ptq=calib_loss_ptq, calib_loss_final=calib_loss_ptq,
+        selection_loss=None, best_pass=0, evaluations=0,
+    )
+    history = None
+    if config.optimizer != "none":
+        found = search(
+            qmodel, calib_images, tuple(selection), optimizer=config.optimizer, passes=config.passes,
+            evaluations_per_block=config.evaluations_per_block, order=config.order, loss=config.loss,
+            seed=config.seed, checkpoint_dir=out, resume=resume, fingerprint=config.fingerprint(),
+            progress=progress,
+        )
+        history = found.history
+        result.update(
+            final_top1=accuracy("searched top-1"), calib_loss_final=found.calib_loss,
+            selection_loss=found.selection_loss, selection_top1=found.selection_top1,
+            best_pass=found.best_pass, evaluations=found.evaluations, passes=found.passes,
+        )
+    result.update(
+        wall_s=round(time.time() - started, 2), complete=True, config=asdict(config),
+        quant_config=quant_config.to_dict(), versions=versions(), device=str(device),
+    )
+    if out is not None:
+        save_run(Path(out), qmodel, result, history)
+    return result
+
+
+def save_run(out: Path, qmodel: QuantizedModel, result: dict, history) -> None:
+    save_tensors(out / "scales.safetensors", qmodel.quant_state())
+    if history is not None:
+        write_text(out / "history.csv", history.to_csv(index=False))
+    write_json(out / "result.json", result)
+
+
+def load_quantized(folder: str | Path) -> QuantizedModel:
+    """Rebuild the quantized model of a finished run from its ``result.json`` and ``scales.safetensors``."""
+    folder = Path(folder)
+    result = read_json(folder / "result.json")
+    config = RunConfig.from_result(folder / "result.json")
+    model = create_model(config.model, config.checkpoint, config.pretrained)
+    qmodel = QuantizedModel(model, QuantConfig(**result["quant_config"]))
+    return qmodel.load_quant_state(load_tensors(folder / "scales.safetensors"))

@@ -1,0 +1,139 @@
+"""``QuantizedModel``: a timm ViT with fake-quant modules, calibrated once, switchable FP <-> quantized."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from evolq.blocks import Block, discover_blocks
+from evolq.errors import UsageError
+from evolq.quant.config import QuantConfig
+from evolq.quant.convert import convert_vit
+from evolq.quant.layers import QuantWeightLayer
+from evolq.quant.quantizer import Log2Quantizer, UniformQuantizer
+
+
+def batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+class QuantizedModel(nn.Module):
+    """A copy of ``model`` with every quantizable op fake-quantized per ``config``.
+
+    ``calibrate(images)`` fixes all quantization parameters; afterwards ``quantized`` (the
+    default) or ``fp()`` choose which model runs, and the blocks' scale vectors can be searched.
+    The model is split at block boundaries: ``prefix(x, k)`` gives the residual stream entering
+    block ``k``, ``suffix(h, k)`` finishes the forward pass from there.
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig | str = QuantConfig()) -> None:
+        super().__init__()
+        self.config = QuantConfig.preset(config) if isinstance(config, str) else config
+        self.model = convert_vit(copy.deepcopy(model).eval(), self.config)
+        self.blocks: list[Block] = discover_blocks(self.model)
+        self.calibrated = False
+        self.requires_grad_(False)
+
+    # -- modes -------------------------------------------------------------------------------
+    def quantizers(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, (UniformQuantizer, Log2Quantizer))]
+
+    def weight_layers(self) -> list[QuantWeightLayer]:
+        return [m for m in self.modules() if isinstance(m, QuantWeightLayer)]
+
+    def _set_mode(self, mode: str) -> None:
+        for quantizer in self.quantizers():
+            quantizer.mode = mode
+
+    @contextmanager
+    def fp(self) -> Iterator["QuantizedModel"]:
+        """Run the true full-precision model inside this block; quantization parameters are kept."""
+        self._set_mode("off")
+        try:
+            yield self
+        finally:
+            self._set_mode("quant" if self.calibrated else "off")
+
+    # -- calibration -------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor, batch_size: int = 100, progress: bool = True) -> "QuantizedModel":
+        """One pass over the calibration images: observers watch FP activations, then parameters are fixed."""
+        if len(images) == 0:
+            raise UsageError("calibration set is empty; allowed: at least one image")
+        for layer in self.weight_layers():
+            layer.calibrate_weight()
+        self._set_mode("observe")
+        for layer in self.weight_layers():
+            layer.weight_quant.mode = "off"
+        for batch in tqdm(list(batches(images, batch_size)), desc="calibrate", disable=not progress, leave=False):
+            self.model(batch)
+        for quantizer in self.quantizers():
+            if quantizer.mode == "observe":
+                quantizer.finish_calibration()
+        self.calibrated = True
+        self._set_mode("quant")
+        return self
+
+    # -- forward pieces ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def prefix(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """The residual stream entering block ``block`` (0 = right after the embedding)."""
+        model = self.model
+        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        for module in model.blocks[:block]:
+            h = module(h)
+        return h
+
+    def suffix(self, h: torch.Tensor, block: int) -> torch.Tensor:
+        """Logits from the residual stream entering block ``block``."""
+        model = self.model
+        for module in model.blocks[block:]:
+            h = module(h)
+        return model.forward_head(model.norm(h))
+
+    def block(self, index: int) -> Block:
+        """Block ``index``; negative indices count from the end."""
+        count = len(self.blocks)
+        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
+            raise UsageError(f"block index {index!r} is out of range; allowed: 0..{count - 1} (or -{count}..-1)")
+        return self.blocks[index]
+
+    # -- scales ------------------------------------------------------------------------------
+    def scales(self) -> dict[str, torch.Tensor]:
+        """Every block's scale vector by block name, for saving."""
+        return {f"block{b.index}": torch.from_numpy(b.scales()).float() for b in self.blocks}
+
+    def quant_state(self) -> dict[str, torch.Tensor]:
+        """Every quantizer's scale and zero point: all a calibrated model needs besides its FP weights."""
+        return {name: buf for name, buf in self.named_buffers() if name.endswith((".scale", ".zero_point"))}
+
+    def load_quant_state(self, state: dict[str, torch.Tensor]) -> "QuantizedModel":
+        """Restore :meth:`quant_state` output; the model is then calibrated and quantized."""
+        expected = self.quant_state()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise UsageError(f"quantization state lacks {missing[0]!r} (and {len(missing) - 1} more); "
+                             "allowed: a scales file written for this model and preset")
+        for name in expected:
+            owner, attribute = name.rsplit(".", 1)
+            setattr(self.get_submodule(owner), attribute, state[name].clone())
+        for layer in self.weight_layers():
+            layer.invalidate()
+        self.calibrated = True
+        self._set_mode("quant")
+        return self
+
+    def load_scales(self, scales: dict[str, torch.Tensor]) -> None:
+        for block in self.blocks:
+            key = f"block{block.index}"
+            if key not in scales:
+                raise UsageError(f"scales file has no {key!r}; allowed: a file written for this model and preset")
+            block.set_scales(scales[key].double().numpy())

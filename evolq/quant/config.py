@@ -1,0 +1,59 @@
+"""``QuantConfig``: what is quantized, to how many bits, with which observers; presets by name."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+
+from evolq.errors import UsageError
+from evolq.quant.bits import check_bits
+from evolq.quant.observers import OBSERVERS
+
+SOFTMAX_KINDS = ("uniform", "log2")
+PRESETS = ("w8a8", "w6a6", "w4a8", "w3a8", "w4a4", "w3a4")
+_PRESET = re.compile(r"^w(\d+)a(\d+)$")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """FQ-ViT-style post-training quantization settings (defaults match the released Evol-Q code).
+
+    Weights: unsigned with zero point, per output channel, min-max, optional bias correction.
+    Activations: unsigned per tensor with ``act_observer``. LayerNorm inputs: power-of-two
+    factors (PTF) when ``ptf`` is on. Softmax output: ``softmax_bits`` uniform, or log2.
+    """
+
+    wbits: int = 8
+    abits: int = 8
+    act_observer: str = "omse"
+    ptf: bool = True
+    softmax: str = "uniform"
+    softmax_bits: int = 8
+    bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        check_bits("wbits", self.wbits)
+        check_bits("abits", self.abits)
+        check_bits("softmax_bits", self.softmax_bits)
+        if self.act_observer not in OBSERVERS:
+            raise UsageError(f"activation observer {self.act_observer!r} is unknown; allowed: {', '.join(OBSERVERS)}")
+        if self.softmax not in SOFTMAX_KINDS:
+            raise UsageError(f"softmax quantizer {self.softmax!r} is unknown; allowed: {', '.join(SOFTMAX_KINDS)}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "QuantConfig":
+        """``wXaY`` presets (``w8a8``, ``w4a8``, ``w3a8``, ``w4a4``, ``w3a4``, ...), with overrides."""
+        match = _PRESET.match(str(name))
+        if not match:
+            raise UsageError(f"preset {name!r} is unknown; allowed: {', '.join(PRESETS)} (any wXaY with X, Y in 2..8)")
+        return cls(wbits=int(match.group(1)), abits=int(match.group(2)), **overrides)
+
+    @property
+    def name(self) -> str:
+        return f"w{self.wbits}a{self.abits}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes) -> "QuantConfig":
+        return replace(self, **changes)

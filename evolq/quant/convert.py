@@ -1,0 +1,81 @@
+"""Swap a timm VisionTransformer's modules for their fake-quantized versions (in place)."""
+
+from __future__ import annotations
+
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+from evolq.errors import UsageError
+from evolq.quant.attention import QAttention
+from evolq.quant.bits import BitType
+from evolq.quant.config import QuantConfig
+from evolq.quant.layers import QConv2d, QLayerNorm, QLinear
+from evolq.quant.observers import MinMaxObserver, make_observer
+from evolq.quant.quantizer import Log2Quantizer, UniformQuantizer
+
+
+def _activation(config: QuantConfig) -> UniformQuantizer:
+    bit_type = BitType(config.abits)
+    return UniformQuantizer(bit_type, make_observer(config.act_observer, bit_type))
+
+
+def _weight(config: QuantConfig) -> UniformQuantizer:
+    bit_type = BitType(config.wbits)
+    return UniformQuantizer(bit_type, MinMaxObserver(bit_type, channel_axis=0), channel_axis=0)
+
+
+def _layer_norm(norm: nn.Module, config: QuantConfig) -> nn.Module:
+    if not isinstance(norm, nn.LayerNorm):
+        return norm
+    if not config.ptf:
+        return QLayerNorm(norm, _activation(config))
+    bit_type = BitType(config.abits)
+    return QLayerNorm(norm, UniformQuantizer(bit_type, make_observer("ptf", bit_type), channel_axis=-1))
+
+
+def _linear(linear: nn.Linear, config: QuantConfig, quantize_output: bool = False) -> QLinear:
+    output = _activation(config) if quantize_output else None
+    return QLinear(linear, _activation(config), _weight(config), output, config.bias_correction)
+
+
+def _softmax(config: QuantConfig) -> nn.Module:
+    if config.softmax == "log2":
+        return Log2Quantizer(config.softmax_bits)
+    bit_type = BitType(config.softmax_bits)
+    return UniformQuantizer(bit_type, MinMaxObserver(bit_type))
+
+
+def _attention(attn: nn.Module, config: QuantConfig) -> QAttention:
+    return QAttention(
+        attn,
+        qkv=_linear(attn.qkv, config),
+        proj=_linear(attn.proj, config),
+        q_quant=_activation(config),
+        k_quant=_activation(config),
+        v_quant=_activation(config),
+        softmax_quant=_softmax(config),
+    )
+
+
+def convert_vit(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Quantize every Linear (head included), the patch embedding, attention inputs, softmax and LayerNorm inputs."""
+    if not isinstance(model, VisionTransformer):
+        raise UsageError(
+            f"model type {type(model).__name__} is not supported; allowed: timm VisionTransformer models (vit_*, deit_*)"
+        )
+    embed = model.patch_embed.proj
+    model.patch_embed.proj = QConv2d(embed, _activation(config), _weight(config), None, config.bias_correction)
+    for block in model.blocks:
+        if not hasattr(block, "attn") or not hasattr(block.attn, "qkv") or not hasattr(block, "mlp"):
+            raise UsageError(f"block type {type(block).__name__} is not supported; allowed: timm ViT blocks with attn.qkv and mlp")
+        block.norm1 = _layer_norm(block.norm1, config)
+        block.attn = _attention(block.attn, config)
+        block.norm2 = _layer_norm(block.norm2, config)
+        block.mlp.fc1 = _linear(block.mlp.fc1, config)
+        block.mlp.fc2 = _linear(block.mlp.fc2, config)
+    model.norm = _layer_norm(model.norm, config)
+    model.fc_norm = _layer_norm(model.fc_norm, config)
+    for name in ("head", "head_dist"):
+        if isinstance(getattr(model, name, None), nn.Linear):
+            setattr(model, name, _linear(getattr(model, name), config, quantize_output=True))
+    return model

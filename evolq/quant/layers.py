@@ -1,0 +1,118 @@
+"""Quantized layers that replace a timm ViT's modules: weights per output channel, inputs per tensor.
+
+Each layer keeps its full-precision parameters, so switching quantization off gives back the
+FP model exactly. The fake-quantized weight is cached and recomputed only when the weight
+scale changes (the search changes one block's scales at a time).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evolq.quant.quantizer import UniformQuantizer
+
+
+def correct_weight_bias(quantized: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Match each output channel's mean and std of the quantized weight to the FP weight."""
+    dims = tuple(range(1, weight.dim()))
+    q_mean, q_std = quantized.mean(dims, keepdim=True), quantized.std(dims, keepdim=True)
+    w_mean, w_std = weight.mean(dims, keepdim=True), weight.std(dims, keepdim=True)
+    ratio = torch.where(q_std > 0, w_std / q_std.clamp_min(1e-12), torch.ones_like(q_std))
+    return (quantized - q_mean) * ratio + w_mean
+
+
+class QuantWeightLayer(nn.Module):
+    """Shared part of :class:`QLinear` and :class:`QConv2d`: quantized input, weight and optional output."""
+
+    def __init__(self, layer: nn.Module, input_quant: nn.Module, weight_quant: UniformQuantizer,
+                 output_quant: nn.Module | None = None, bias_correction: bool = False) -> None:
+        super().__init__()
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.input_quant = input_quant
+        self.weight_quant = weight_quant
+        self.output_quant = output_quant if output_quant is not None else nn.Identity()
+        self.bias_correction = bias_correction
+        self._cached_weight: torch.Tensor | None = None
+        self.scale_override: torch.Tensor | None = None  # a differentiable scale, for gradient methods
+
+    @property
+    def quantizing(self) -> bool:
+        return self.weight_quant.mode == "quant" and self.weight_quant.calibrated
+
+    def calibrate_weight(self) -> None:
+        """Weight quantization parameters from the weight itself (min-max per output channel)."""
+        self.weight_quant.observer.update(self.weight)
+        self.weight_quant.finish_calibration()
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        self._cached_weight = None
+
+    def set_weight_scale(self, scale: torch.Tensor) -> None:
+        self.weight_quant.scale = scale.to(self.weight_quant.scale)
+        self.invalidate()
+
+    def quantized_weight(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as the quantized model sees it; differentiable in ``scale`` when one is given."""
+        if scale is not None:
+            return self._finish(ste_fake_quantize(self.weight.detach(), scale, self.weight_quant))
+        if self._cached_weight is None:
+            # A plain tensor, not an inference tensor: the cache also serves gradient passes.
+            with torch.inference_mode(False), torch.no_grad():
+                self._cached_weight = self._finish(self.weight_quant.quantize(self.weight.detach()))
+        return self._cached_weight
+
+    def _finish(self, quantized: torch.Tensor) -> torch.Tensor:
+        return correct_weight_bias(quantized, self.weight.detach()) if self.bias_correction else quantized
+
+    def effective_weight(self) -> torch.Tensor:
+        if not self.quantizing:
+            return self.weight
+        return self.quantized_weight(self.scale_override)
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quant(self.compute(self.input_quant(x), self.effective_weight()))
+
+
+class QLinear(QuantWeightLayer):
+    """``nn.Linear`` with fake-quantized input and weight."""
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+class QConv2d(QuantWeightLayer):
+    """``nn.Conv2d`` (the patch embedding) with fake-quantized input and weight."""
+
+    def __init__(self, layer: nn.Conv2d, *args, **kwargs) -> None:
+        super().__init__(layer, *args, **kwargs)
+        self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def ste_fake_quantize(weight: torch.Tensor, scale: torch.Tensor, quantizer: UniformQuantizer) -> torch.Tensor:
+    """Fake quantization with a learnable per-channel scale (LSQ-style straight-through gradient)."""
+    bits = quantizer.bit_type
+    return torch._fake_quantize_learnable_per_channel_affine(
+        weight, scale, quantizer.zero_point.float(), 0, bits.qmin, bits.qmax, 1.0
+    )
+
+
+class QLayerNorm(nn.Module):
+    """LayerNorm whose input (the residual stream) is fake-quantized with power-of-two factors."""
+
+    def __init__(self, norm: nn.LayerNorm, input_quant: UniformQuantizer) -> None:
+        super().__init__()
+        self.norm = norm
+        self.input_quant = input_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.input_quant(x))

@@ -1,0 +1,201 @@
+"""Observers: watch calibration tensors and turn what they saw into a scale and a zero point.
+
+Per tensor or per channel (``channel_axis``); unsigned grids get an affine zero point, signed
+grids are symmetric. The OMSE and PTF observers follow FQ-ViT: min and max are tracked over
+all calibration batches, the choice (clipping factor, power-of-two factor) is made on the
+last batch by the lowest L2 quantization error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evolq.errors import UsageError
+from evolq.quant.bits import BitType
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def affine_qparams(low: torch.Tensor, high: torch.Tensor, bit_type: BitType) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point that map ``[low, high]`` (widened to hold 0) onto the grid."""
+    low = torch.minimum(low, torch.zeros_like(low))
+    high = torch.maximum(high, torch.zeros_like(high))
+    if bit_type.signed:
+        scale = (torch.maximum(-low, high) / ((bit_type.qmax - bit_type.qmin) / 2)).clamp_min(EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = ((high - low) / (bit_type.qmax - bit_type.qmin)).clamp_min(EPS)
+    zero_point = (bit_type.qmin - torch.round(low / scale)).clamp(bit_type.qmin, bit_type.qmax)
+    return scale, zero_point.to(torch.int32)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bit_type: BitType,
+                  channel_axis: int | None = None) -> torch.Tensor:
+    """Quantize-dequantize, per tensor or along ``channel_axis``.
+
+    Where autograd needs the result, torch's fused fake-quantize kernels run (they carry the
+    straight-through gradient). Otherwise the same arithmetic runs as four in-place passes,
+    several times faster on CPU and bit-identical to torch's kernels (tested).
+    """
+    if x.requires_grad and torch.is_grad_enabled():
+        if channel_axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, bit_type.qmin, bit_type.qmax)
+        return torch.fake_quantize_per_channel_affine(
+            x, scale, zero_point, channel_axis % x.dim(), bit_type.qmin, bit_type.qmax
+        )
+    if channel_axis is not None:
+        shape = [1] * x.dim()
+        shape[channel_axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    zero = zero_point.to(x.dtype)
+    inverse = torch.reciprocal(scale.to(torch.float32)).to(x.dtype)
+    out = torch.mul(x, inverse).round_().add_(zero).clamp_(bit_type.qmin, bit_type.qmax)
+    return out.sub_(zero).mul_(scale.to(x.dtype))
+
+
+def _l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).pow(2).mean()
+
+
+class Observer:
+    """Base: running statistics of the tensors it is shown, per tensor or per ``channel_axis``."""
+
+    def __init__(self, bit_type: BitType, channel_axis: int | None = None) -> None:
+        self.bit_type = bit_type
+        self.channel_axis = channel_axis
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
+
+    def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channel_axis is None:
+            return x.min(), x.max()
+        flat = x.detach().movedim(self.channel_axis, 0).reshape(x.shape[self.channel_axis], -1)
+        return flat.min(dim=1).values, flat.max(dim=1).values
+
+    def update(self, x: torch.Tensor) -> None:
+        low, high = self._reduce(x.detach().float())
+        if self.low is None:
+            self.low, self.high = low, high
+        else:
+            self.low, self.high = torch.minimum(self.low, low), torch.maximum(self.high, high)
+
+    @property
+    def seen(self) -> bool:
+        return self.low is not None
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.seen:
+            raise RuntimeError(f"{type(self).__name__} has seen no data; calibrate first")
+        return affine_qparams(self.low, self.high, self.bit_type)
+
+
+class MinMaxObserver(Observer):
+    """Plain running min and max."""
+
+
+class EMAObserver(Observer):
+    """Exponential moving average of each batch's min and max (``momentum`` of the old value)."""
+
+    def __init__(self, bit_type: BitType, channel_axis: int | None = None, momentum: float = 0.9) -> None:
+        super().__init__(bit_type, channel_axis)
+        self.momentum = momentum
+
+    def update(self, x: torch.Tensor) -> None:
+        low, high = self._reduce(x.detach().float())
+        if self.low is None:
+            self.low, self.high = low, high
+        else:
+            self.low = self.momentum * self.low + (1 - self.momentum) * low
+            self.high = self.momentum * self.high + (1 - self.momentum) * high
+
+
+class PercentileObserver(EMAObserver):
+    """EMA of each batch's ``percentile`` and ``100 - percentile`` quantiles: clips outliers."""
+
+    def __init__(self, bit_type: BitType, channel_axis: int | None = None, percentile: float = 99.99,
+                 momentum: float = 0.9) -> None:
+        super().__init__(bit_type, channel_axis, momentum)
+        self.percentile = percentile
+
+    def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channel_axis is None:
+            flat = x.reshape(1, -1)
+        else:
+            flat = x.movedim(self.channel_axis, 0).reshape(x.shape[self.channel_axis], -1)
+        q = torch.tensor([1 - self.percentile / 100, self.percentile / 100])
+        low, high = torch.quantile(flat, q, dim=1)
+        return (low[0], high[0]) if self.channel_axis is None else (low, high)
+
+
+class OMSEObserver(Observer):
+    """Min and max over all batches, shrunk by ``1 - 0.01 i`` (i < 90) to the lowest L2 error on the last batch."""
+
+    SHRINK_STEPS = 90
+
+    def __init__(self, bit_type: BitType, channel_axis: int | None = None) -> None:
+        super().__init__(bit_type, channel_axis)
+        self.last: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        self.last = x.detach().float().clone()
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        best, best_error = super().qparams(), float("inf")
+        for i in range(self.SHRINK_STEPS):
+            factor = 1 - 0.01 * i
+            scale, zero_point = affine_qparams(self.low * factor, self.high * factor, self.bit_type)
+            error = _l2(self.last, fake_quantize(self.last, scale, zero_point, self.bit_type, self.channel_axis)).item()
+            if error < best_error:
+                best, best_error = (scale, zero_point), error
+        return best
+
+
+class PTFObserver(Observer):
+    """Power-of-two factors for LayerNorm inputs (FQ-ViT): one base scale, each channel x 1, 2, 4 or 8.
+
+    Channels are the last axis. The zero point is shared, so the integer LayerNorm of FQ-ViT
+    could run on it; each channel's factor is the one with the lowest L2 error on the last batch.
+    """
+
+    FACTORS = (1, 2, 4, 8)
+
+    def __init__(self, bit_type: BitType) -> None:
+        super().__init__(bit_type, channel_axis=-1)
+        self.last: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        self.last = x.detach().float().clone()
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.seen:
+            raise RuntimeError("PTFObserver has seen no data; calibrate first")
+        largest, shared_zero = affine_qparams(self.low.min(), self.high.max(), self.bit_type)
+        base = largest / max(self.FACTORS)
+        channels = self.last.reshape(-1, self.last.shape[-1])
+        zero = shared_zero.expand(channels.shape[-1]).contiguous()
+        errors = []
+        for factor in self.FACTORS:
+            scale = (base * factor).expand(channels.shape[-1]).contiguous()
+            restored = fake_quantize(channels, scale, zero, self.bit_type, channel_axis=-1)
+            errors.append((restored - channels).pow(2).mean(dim=0))
+        choice = torch.stack(errors).argmin(dim=0)
+        factors = torch.tensor(self.FACTORS, dtype=base.dtype)[choice]
+        return base * factors, zero
+
+
+OBSERVERS = {
+    "minmax": MinMaxObserver,
+    "ema": EMAObserver,
+    "percentile": PercentileObserver,
+    "omse": OMSEObserver,
+}
+
+
+def make_observer(name: str, bit_type: BitType, channel_axis: int | None = None) -> Observer:
+    """An observer by name; ``ptf`` is for LayerNorm inputs (channels on the last axis)."""
+    if name == "ptf":
+        return PTFObserver(bit_type)
+    if name not in OBSERVERS:
+        raise UsageError(f"observer {name!r} is unknown; allowed: {', '.join([*OBSERVERS, 'ptf'])}")
+    return OBSERVERS[name](bit_type, channel_axis)

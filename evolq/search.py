@@ -1,0 +1,151 @@
+"""``search``: the block-wise Evol-Q loop with any optimizer, checkpointed after every block visit.
+
+Blocks are visited last to first (``order="reverse"``), ``passes`` times. Each visit builds a
+:class:`BlockObjective` (prefix cached for that block), runs a fresh optimizer seeded from the
+run seed, pass and block for ``evaluations_per_block`` evaluations, and keeps its best point.
+After each pass the model is scored on the held-out selection split; the best pass (the PTQ
+start counts as pass 0) is what the search returns. The evaluation split is never looked at.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import optimizers
+from evolq.checkpoint import SearchCheckpoint
+from evolq.errors import UsageError
+from evolq.losses import get_loss
+from evolq.objective import BlockObjective, fp_logits, model_loss
+from evolq.qmodel import QuantizedModel
+
+ORDERS = ("reverse", "forward")
+HISTORY_COLUMNS = ["pass", "block", "optimizer", "evaluation", "value", "best", "seconds"]
+
+
+def default_eps(weight_bits: int) -> float:
+    """The released code's mutation size: 1e-4 for 8-bit weights, 1e-3 otherwise (3 and 4 bit)."""
+    return 1e-4 if weight_bits == 8 else 1e-3
+
+
+def visit_seed(seed: int, pass_index: int, block: int) -> int:
+    """A seed of its own for every block visit, so a resumed run draws what an uninterrupted one does."""
+    return int(np.random.SeedSequence([seed, pass_index, block]).generate_state(1)[0])
+
+
+def make_optimizer(name: str, weight_bits: int, options: dict) -> optimizers.Optimizer:
+    """The optimizer for one visit; ``eps`` defaults to the paper's value for this bit width where accepted."""
+    optimizer = optimizers.make(name, **options)
+    if "eps" not in options and "eps" in inspect.signature(type(optimizer).__init__).parameters:
+        optimizer = optimizers.make(name, eps=default_eps(weight_bits), **options)
+    return optimizer
+
+
+@dataclass
+class SearchResult:
+    """What a search leaves: the chosen pass, its losses and the full per-evaluation history."""
+
+    best_pass: int
+    selection_top1: float
+    selection_loss: float
+    calib_loss: float
+    evaluations: int
+    history: pd.DataFrame
+    passes: list[dict] = field(default_factory=list)
+
+
+def _check(passes: int, evaluations_per_block: int, order: str) -> None:
+    for name, value in (("passes", passes), ("evaluations per block", evaluations_per_block)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} {value!r} is not allowed; allowed: an integer >= 1")
+    if order not in ORDERS:
+        raise UsageError(f"block order {order!r} is unknown; allowed: {', '.join(ORDERS)}")
+
+
+@torch.inference_mode()
+def selection_score(qmodel: QuantizedModel, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
+                    loss: Callable, batch_size: int = 100) -> tuple[float, float]:
+    """Top-1 and mean loss against FP on the held-out selection images."""
+    correct, losses = 0, []
+    for start in range(0, len(images), batch_size):
+        logits = qmodel(images[start : start + batch_size])
+        correct += (logits.argmax(-1) == labels[start : start + batch_size]).sum().item()
+        losses.append(float(loss(logits, targets[start : start + batch_size])))
+    return 100.0 * correct / len(images), float(np.mean(losses))
+
+
+def search(
+    qmodel: QuantizedModel,
+    calib_images: torch.Tensor,
+    selection: tuple[torch.Tensor, torch.Tensor],
+    optimizer: str = "evolq",
+    passes: int = 10,
+    evaluations_per_block: int = 4,
+    order: str = "reverse",
+    loss: str = "infonce",
+    seed: int = 0,
+    optimizer_options: dict | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    fingerprint: dict | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Search every block's scales of a calibrated ``qmodel``; leaves it at the best pass's scales."""
+    _check(passes, evaluations_per_block, order)
+    options = dict(optimizer_options or {})
+    optimizers.make(optimizer, **options)  # fail early on a bad name or option
+    loss_fn = get_loss(loss)
+    targets = fp_logits(qmodel, calib_images)
+    selection_images, selection_labels = selection
+    selection_targets = fp_logits(qmodel, selection_images)
+    blocks = list(range(len(qmodel.blocks)))
+    visits = [(p, b) for p in range(1, passes + 1) for b in (blocks[::-1] if order == "reverse" else blocks)]
+
+    state = SearchCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir else None
+    if state is not None and resume and state.exists():
+        done, history, pass_log, best = state.load(qmodel)
+    else:
+        top, sel_loss = selection_score(qmodel, selection_images, selection_labels, selection_targets, loss_fn)
+        done, history, pass_log = 0, [], [dict(pass_index=0, selection_top1=top, selection_loss=sel_loss)]
+        best = dict(pass_index=0, selection_top1=top, selection_loss=sel_loss, scales=qmodel.scales())
+    started = time.time() - (history[-1]["seconds"] if history else 0.0)
+    bar = tqdm(total=len(visits), initial=done, desc=f"search ({optimizer})", disable=not progress)
+    for visit, (pass_index, block) in enumerate(visits[done:], start=done):
+        objective = BlockObjective(qmodel, block, calib_images, loss_fn, targets=targets)
+        chosen = make_optimizer(optimizer, qmodel.blocks[block].weight_bits, options)
+        result = chosen.minimize(objective, objective.x0, budget=evaluations_per_block,
+                                 seed=visit_seed(seed, pass_index, block))
+        qmodel.blocks[block].set_scales(result.x)
+        offset = len(history)
+        for row in result.history.itertuples():
+            history.append(dict(zip(HISTORY_COLUMNS, (pass_index, block, optimizer, offset + row.evaluation,
+                                                       row.value, row.best, time.time() - started))))
+        bar.set_postfix(block=block, loss=f"{result.value:.4f}")
+        bar.update()
+        if visit + 1 == len(visits) or visits[visit + 1][0] != pass_index:
+            top, sel_loss = selection_score(qmodel, selection_images, selection_labels, selection_targets, loss_fn)
+            pass_log.append(dict(pass_index=pass_index, selection_top1=top, selection_loss=sel_loss))
+            if (top, -sel_loss) > (best["selection_top1"], -best["selection_loss"]):
+                best = dict(pass_index=pass_index, selection_top1=top, selection_loss=sel_loss, scales=qmodel.scales())
+        if state is not None:
+            state.save(qmodel, visit + 1, history, pass_log, best)
+    bar.close()
+    qmodel.load_scales(best["scales"])
+    calib_loss = model_loss(qmodel, calib_images, targets, loss_fn)
+    return SearchResult(
+        best_pass=best["pass_index"],
+        selection_top1=best["selection_top1"],
+        selection_loss=best["selection_loss"],
+        calib_loss=calib_loss,
+        evaluations=len(history),
+        history=pd.DataFrame(history, columns=HISTORY_COLUMNS),
+        passes=pass_log,
+    )

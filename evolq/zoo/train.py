@@ -1,0 +1,126 @@
+"""``evolq train-default``: train the default model from a seed, resumable after every epoch."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from evolq.data import load_fmnist
+from evolq.files import save_tensors, write_json
+from evolq.zoo import DEFAULT_ARCH, DEFAULT_CARD, DEFAULT_CHECKPOINT, default_architecture, sha256
+
+
+@dataclass
+class Recipe:
+    """Training recipe of the default model; recorded in its model card."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
+    crop_padding: int = 2
+    seed: int = 0
+
+
+def _augment(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after padding with the background value, and a random horizontal flip."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, [padding] * 4, value=float(images.amin()))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, 1, h, w + 2 * padding)
+    cropped = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, 1, h, w)
+    cropped = cropped.gather(3, cols)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cropped[flip] = cropped[flip].flip(-1)
+    return cropped
+
+
+@torch.inference_mode()
+def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = sum(
+        (model(images[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size]).sum().item()
+        for i in range(0, len(images), batch_size)
+    )
+    return 100.0 * correct / len(images)
+
+
+def train_default(
+    recipe: Recipe = Recipe(),
+    work_dir: str | Path = "runs/train-default",
+    checkpoint: str | Path = DEFAULT_CHECKPOINT,
+    card: str | Path = DEFAULT_CARD,
+    data_dir: str | None = None,
+) -> dict:
+    """Train, write the safetensors checkpoint and its model card; resume from ``work_dir`` if present."""
+    torch.manual_seed(recipe.seed)
+    work_dir = Path(work_dir)
+    state_file = work_dir / "state.pt"
+    train_x, train_y = load_fmnist("train", data_dir)
+    test_x, test_y = load_fmnist("test", data_dir)
+    model = default_architecture()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(train_x) / recipe.batch_size)
+    total, warmup = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))),
+    )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    start_epoch, log = 0, []
+    if state_file.is_file():
+        state = torch.load(state_file, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        start_epoch, log = int(state["epoch"]), list(state["log"])
+    started = time.time()
+    for epoch in range(start_epoch, recipe.epochs):
+        model.train()
+        order = torch.randperm(len(train_x), generator=generator)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False)
+        for step in bar:
+            index = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+            images = _augment(train_x[index], recipe.crop_padding, generator)
+            loss = F.cross_entropy(model(images), train_y[index], label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        accuracy = top1(model, test_x, test_y)
+        log.append(accuracy)
+        print(f"epoch {epoch + 1}/{recipe.epochs}: test top-1 {accuracy:.2f}%", flush=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_file.with_suffix(".tmp")
+        torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                        generator=generator.get_state(), epoch=epoch + 1, log=log), tmp)
+        tmp.replace(state_file)
+    save_tensors(checkpoint, model.state_dict())
+    info = dict(
+        name="evolq fmnist_vit",
+        architecture=dict(family="timm.models.vision_transformer.VisionTransformer", **DEFAULT_ARCH),
+        parameters=sum(p.numel() for p in model.parameters()),
+        recipe=asdict(recipe),
+        data="Fashion-MNIST train (60,000 images), evaluated on the 10,000 test images",
+        test_top1=round(log[-1], 2),
+        test_top1_per_epoch=[round(a, 2) for a in log],
+        train_seconds_this_session=round(time.time() - started, 1),
+        torch=torch.__version__,
+        sha256=sha256(checkpoint),
+        command="evolq train-default",
+    )
+    write_json(card, info)
+    return info
