@@ -53,23 +53,60 @@ def _quantize_parser(commands) -> None:
     parser.set_defaults(handler=_quantize)
 
 
+def _config(args: argparse.Namespace, **extra) -> "RunConfig":
+    """The run configuration named by the model, data and quantization options."""
+    from evolq.pipeline import DEMO_PRESET, RunConfig
+
+    return RunConfig(
+        model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
+        data_dir=args.data_dir, preset=args.preset or DEMO_PRESET, wbits=args.wbits, abits=args.abits,
+        calib_size=args.calib_size, seed=args.seed, device=args.device, loss=args.loss, **extra,
+    )
+
+
 def _quantize(args: argparse.Namespace) -> int:
-    from evolq.pipeline import DEMO_PRESET, RunConfig, run_quantize
+    from evolq.pipeline import RunConfig, run_quantize
 
     if args.config:
         config = RunConfig.from_result(args.config)
     else:
-        config = RunConfig(
-            model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
-            data_dir=args.data_dir, preset=args.preset or DEMO_PRESET, wbits=args.wbits, abits=args.abits,
-            calib_size=args.calib_size, selection_size=args.selection_size, eval_size=args.eval_size,
-            seed=args.seed, device=args.device, optimizer=args.optimizer, passes=args.passes,
-            evaluations_per_block=args.evaluations_per_block, loss=args.loss,
+        config = _config(
+            args, selection_size=args.selection_size, eval_size=args.eval_size, optimizer=args.optimizer,
+            passes=args.passes, evaluations_per_block=args.evaluations_per_block,
         )
     out = args.out or f"runs/{config.model}-{config.quant_config().name}-{config.optimizer}-seed{config.seed}"
     result = run_quantize(config, out=out, resume=args.resume)
     _print_table(result)
     print(f"wrote {out}/result.json")
+    return 0
+
+
+def _landscape_parser(commands) -> None:
+    parser = commands.add_parser("landscape", help="slice one block's loss surface and measure its roughness")
+    _add_common(parser)
+    parser.add_argument("--block", type=int, default=-1, help="block index (default -1, the last)")
+    parser.add_argument("--dims", type=int, default=2, help="1 or 2 (default 2)")
+    parser.add_argument("--points", type=int, default=21, help="grid points per axis (default 21)")
+    parser.add_argument("--radius", type=float, help="offset range in scale units (default: the paper's mutation size)")
+    parser.add_argument("--metric", default="loss", help="loss (default) or top1 (on held-out training images)")
+    parser.add_argument("--reference", action="store_true", help="also slice a smooth reference: FP loss with rescaled weights")
+    parser.set_defaults(handler=_landscape)
+
+
+def _landscape(args: argparse.Namespace) -> int:
+    from evolq.landscape import run_landscape
+    from evolq.pipeline import prepare
+
+    config = _config(args, optimizer="none")
+    out = args.out or f"runs/landscape-{config.quant_config().name}-block{args.block}"
+    summary = run_landscape(
+        prepare(config), args.block, dims=args.dims, points=args.points, radius=args.radius, metric=args.metric,
+        loss=args.loss, reference=args.reference, seed=args.seed, out=out,
+    )
+    for name in ("quantized", "reference"):
+        if name in summary:
+            print(f"{name:<10} " + "  ".join(f"{k}={v:.3g}" for k, v in summary[name].items()))
+    print(f"wrote {out}/landscape.png, landscape.csv, roughness.json")
     return 0
 
 
@@ -102,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable] = [_quantize_parser, _train_parser]
+SUBCOMMANDS: list[Callable] = [_quantize_parser, _landscape_parser, _train_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,9 +64,16 @@ class BlockObjective:
         self.x0 = self.block.scales()
         self.dim = self.block.dim
         self.evaluations = 0
+        self.images = images
         with torch.no_grad():
-            self._inputs = [qmodel.prefix(batch, self.block.index) for batch in batches(images, batch_size)]
-        self._targets = list(batches(self.targets, batch_size))
+            self._inputs = [qmodel.prefix(batch, self.block.index) for batch in self.image_batches()]
+        self._targets = self.target_batches()
+
+    def image_batches(self) -> list[torch.Tensor]:
+        return list(batches(self.images, self.batch_size))
+
+    def target_batches(self) -> list[torch.Tensor]:
+        return list(batches(self.targets, self.batch_size))
 
     @property
     def cache_bytes(self) -> int:

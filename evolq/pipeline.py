@@ -96,10 +96,23 @@ def _to(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(device) for t in tensors]
 
 
-def run_quantize(config: RunConfig, out: str | Path | None = None, resume: bool = False,
-                 progress: bool = True) -> dict:
-    """Run the pipeline; returns the ``result.json`` content (also written to ``out`` if given)."""
-    started = time.time()
+@dataclass
+class Prepared:
+    """A calibrated quantized model with its data, ready to search, slice or evaluate."""
+
+    config: RunConfig
+    device: torch.device
+    qmodel: QuantizedModel
+    calib_images: torch.Tensor
+    selection: tuple[torch.Tensor, torch.Tensor]
+    evaluation: torch.utils.data.Dataset
+
+    def top1(self, desc: str = "evaluate", progress: bool = True) -> float:
+        return top1(self.qmodel, self.evaluation, progress=progress, desc=desc, device=self.device)
+
+
+def prepare(config: RunConfig, progress: bool = True) -> Prepared:
+    """Model, data splits and a calibrated :class:`QuantizedModel` for ``config``."""
     device = _device(config.device)
     quant_config = config.quant_config()
     if config.threads:
@@ -111,12 +124,20 @@ def run_quantize(config: RunConfig, out: str | Path | None = None, resume: bool 
     if config.eval_size is not None:
         evaluation = Subset(evaluation, range(min(config.eval_size, len(evaluation))))
     calib_images, _ = stack(splits.calib)
-    selection = stack(splits.selection)
-    calib_images, *selection = _to(device, calib_images, *selection)
+    calib_images, *selection = _to(device, calib_images, *stack(splits.selection))
     qmodel = QuantizedModel(model, quant_config).to(device).calibrate(calib_images, progress=progress)
+    return Prepared(config, device, qmodel, calib_images, tuple(selection), evaluation)
+
+
+def run_quantize(config: RunConfig, out: str | Path | None = None, resume: bool = False,
+                 progress: bool = True) -> dict:
+    """Run the pipeline; returns the ``result.json`` content (also written to ``out`` if given)."""
+    started = time.time()
+    prepared = prepare(config, progress)
+    qmodel, calib_images = prepared.qmodel, prepared.calib_images
 
     def accuracy(desc: str) -> float:
-        return top1(qmodel, evaluation, progress=progress, desc=desc, device=device)
+        return prepared.top1(desc, progress)
 
     with qmodel.fp():
         fp_top1 = accuracy("FP top-1")
@@ -129,23 +150,27 @@ def run_quantize(config: RunConfig, out: str | Path | None = None, resume: bool 
         selection_loss=None, best_pass=0, evaluations=0,
     )
     history = None
+    result.update(config=asdict(config), quant_config=qmodel.config.to_dict(), versions=versions(),
+                  device=str(prepared.device))
     if config.optimizer != "none":
-        found = search(
-            qmodel, calib_images, tuple(selection), optimizer=config.optimizer, passes=config.passes,
-            evaluations_per_block=config.evaluations_per_block, order=config.order, loss=config.loss,
-            seed=config.seed, checkpoint_dir=out, resume=resume, fingerprint=config.fingerprint(),
-            progress=progress,
-        )
+        try:
+            found = search(
+                qmodel, calib_images, prepared.selection, optimizer=config.optimizer, passes=config.passes,
+                evaluations_per_block=config.evaluations_per_block, order=config.order, loss=config.loss,
+                seed=config.seed, checkpoint_dir=out, resume=resume, fingerprint=config.fingerprint(),
+                progress=progress,
+            )
+        except KeyboardInterrupt:
+            if out is not None:
+                write_json(Path(out) / "result.json", dict(result, complete=False, wall_s=round(time.time() - started, 2)))
+            raise
         history = found.history
         result.update(
             final_top1=accuracy("searched top-1"), calib_loss_final=found.calib_loss,
             selection_loss=found.selection_loss, selection_top1=found.selection_top1,
             best_pass=found.best_pass, evaluations=found.evaluations, passes=found.passes,
         )
-    result.update(
-        wall_s=round(time.time() - started, 2), complete=True, config=asdict(config),
-        quant_config=quant_config.to_dict(), versions=versions(), device=str(device),
-    )
+    result.update(wall_s=round(time.time() - started, 2), complete=True)
     if out is not None:
         save_run(Path(out), qmodel, result, history)
     return result
