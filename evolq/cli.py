@@ -57,11 +57,12 @@ def _config(args: argparse.Namespace, **extra) -> "RunConfig":
     """The run configuration named by the model, data and quantization options."""
     from evolq.pipeline import DEMO_PRESET, RunConfig
 
-    return RunConfig(
+    settings = dict(
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
         data_dir=args.data_dir, preset=args.preset or DEMO_PRESET, wbits=args.wbits, abits=args.abits,
-        calib_size=args.calib_size, seed=args.seed, device=args.device, loss=args.loss, **extra,
+        calib_size=args.calib_size, seed=args.seed, device=args.device, loss=args.loss,
     )
+    return RunConfig(**{**settings, **extra})
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -121,6 +122,50 @@ def _print_table(result: dict) -> None:
     print(f"{'evaluations':<{width}}  {result['evaluations']:8d}   wall {result['wall_s']:.1f} s")
 
 
+def _compare_parser(commands) -> None:
+    parser = commands.add_parser("compare", help="compare optimizers on the same objectives, locally or on Ray")
+    _add_common(parser)
+    parser.add_argument("--optimizers", default="evolq,cmaes,ng:OnePlusOne,random",
+                        help="comma-separated names (see docs/optimizers.md)")
+    parser.add_argument("--presets", default="w4a8", help="comma-separated presets, one problem each")
+    parser.add_argument("--problem", help="a synthetic problem instead of the model: jagged, sphere, rastrigin, ng:<name>")
+    parser.add_argument("--dim", type=int, default=64, help="dimension of a synthetic problem")
+    parser.add_argument("--budget", type=int, help="evaluations per cell (default: passes x blocks x evaluations per block)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default 3)")
+    parser.add_argument("--passes", type=int, default=10)
+    parser.add_argument("--evaluations-per-block", type=int, default=4)
+    parser.add_argument("--executor", default="local", help="local (default) or ray")
+    parser.add_argument("--workers", type=int, default=1, help="cells run in parallel")
+    parser.add_argument("--address", help="Ray cluster address to join (default: start a local one)")
+    parser.set_defaults(handler=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from evolq.compare import QuantizedSearch, run_compare
+    from optimizers import make_problem
+
+    names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    if args.problem:
+        make_problem(args.problem, dim=args.dim)  # fail early on a bad name
+        problems = {args.problem: partial(make_problem, args.problem, dim=args.dim)}
+        budget = args.budget or 200
+    else:
+        problems = {
+            preset: QuantizedSearch(_config(args, preset=preset, passes=args.passes,
+                                            evaluations_per_block=args.evaluations_per_block))
+            for preset in (p.strip() for p in args.presets.split(",") if p.strip())
+        }
+        budget = args.budget
+    out = args.out or "runs/compare"
+    _, summary = run_compare(problems, names, args.seeds, budget, out, executor=args.executor,
+                             workers=args.workers, address=args.address)
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {out}/results.csv, summary.csv, compare.png")
+    return 0
+
+
 def _train_parser(commands) -> None:
     parser = commands.add_parser("train-default", help="train the embedded default model (resumable)")
     parser.add_argument("--epochs", type=int, default=None)
@@ -139,7 +184,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable] = [_quantize_parser, _landscape_parser, _train_parser]
+SUBCOMMANDS: list[Callable] = [_quantize_parser, _landscape_parser, _compare_parser, _train_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
