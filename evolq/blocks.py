@@ -29,6 +29,12 @@ def check_vector(x: object, dim: int, what: str = "scale vector") -> np.ndarray:
     bad = np.flatnonzero(vector <= 0)
     if bad.size:
         raise UsageError(f"{what} has a non-positive value {vector[bad[0]]} at index {bad[0]}; allowed: scales > 0")
+    with np.errstate(over="ignore"):
+        stored = vector.astype(np.float32)  # scales are kept in float32
+    bad = np.flatnonzero(~np.isfinite(stored) | (stored <= 0))
+    if bad.size:
+        raise UsageError(f"{what} has value {vector[bad[0]]} at index {bad[0]} outside float32's range; "
+                         f"allowed: {np.finfo(np.float32).tiny:g} .. {np.finfo(np.float32).max:g}")
     return vector
 
 
@@ -52,6 +58,8 @@ class Block:
 
     def scales(self) -> np.ndarray:
         """The block's weight scales, concatenated in layer order (qkv, then proj), as float64."""
+        if not all(layer.weight_quant.calibrated for layer in self.layers):
+            raise UsageError(f"block {self.index} has no scales yet; calibrate the model first (qmodel.calibrate(images))")
         return torch.cat([layer.weight_quant.scale for layer in self.layers]).double().cpu().numpy()
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -93,9 +93,19 @@ def image_folder(root: str | os.PathLike, split: str, model: torch.nn.Module) ->
         raise UsageError(f"data folder {str(root)!r} does not exist; give a folder holding {' and '.join(IMAGE_SPLITS)}/")
     if not folder.is_dir():
         raise UsageError(f"data folder {str(root)!r} has no {split}/ subfolder; expected {' and '.join(IMAGE_SPLITS)}/")
-    transform = create_transform(**resolve_data_config({}, model=model))
+    channels, size = model.patch_embed.proj.in_channels, tuple(model.patch_embed.img_size)
+    config = resolve_data_config({}, model=model)
+    loader = None
+    if tuple(config["input_size"]) != (channels, *size):
+        # No pretrained config (e.g. the default model): follow the model's own input shape.
+        config.update(input_size=(channels, *size), crop_pct=1.0)
+        if channels == 1:
+            config.update(mean=(FMNIST_MEAN,), std=(FMNIST_STD,))
+    if channels == 1:
+        loader = _grayscale
+    transform = create_transform(**config)
     try:
-        dataset = ImageFolder(str(folder), transform=transform)
+        dataset = ImageFolder(str(folder), transform=transform, **({"loader": loader} if loader else {}))
     except (FileNotFoundError, OSError) as error:
         raise UsageError(f"data folder {str(folder)!r} holds no readable images: {error}") from None
     classes = getattr(model, "num_classes", None)
@@ -105,6 +115,13 @@ def image_folder(root: str | os.PathLike, split: str, model: torch.nn.Module) ->
             "allowed: at most as many class folders as the head has outputs"
         )
     return dataset
+
+
+def _grayscale(path: str):
+    from PIL import Image
+
+    with open(path, "rb") as handle:
+        return Image.open(handle).convert("L")
 
 
 @dataclass

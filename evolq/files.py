@@ -25,13 +25,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as error:
         raise RunError(f"cannot write to folder {str(path.parent)!r}: {error.strerror}") from None
     os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
     try:
         yield Path(tmp)
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and some writers) make 0600; results are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

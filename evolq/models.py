@@ -18,9 +18,9 @@ def _check_name(name: str) -> None:
     if not name.startswith(SUPPORTED_FAMILIES):
         raise UsageError(f"model {name!r} is not supported; allowed: 'default' or a timm name starting with "
                          f"{' or '.join(SUPPORTED_FAMILIES)} (e.g. deit_tiny_patch16_224)")
-    known = timm.list_models(["vit_*", "deit_*"])
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=3)
+    if not timm.is_model(name):
+        known = timm.list_models(["vit_*", "deit_*"])
+        close = difflib.get_close_matches(name.split(".")[0], known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UsageError(f"model {name!r} is unknown to timm{hint}; allowed: 'default' or a timm vit_*/deit_* name")
 

@@ -5,6 +5,11 @@ the full-precision model's logits on the calibration images. Only what changes i
 the FP logits are computed once (and can be shared between blocks), the residual stream
 entering block ``k`` is cached once per objective, so each evaluation runs blocks ``k..L`` and
 the head; only block ``k``'s two layers re-quantize their weights.
+
+fp32 is the default and gives the numbers of a plain full forward pass. ``dtype=torch.bfloat16``
+is an opt-in: the cached block inputs are stored in bfloat16 and the suffix runs under autocast;
+it is faster only where the hardware has bfloat16 matrix units, and its losses drift (see
+``docs/performance.md``). Speed and cache memory are measured by ``benchmarks/objective.py``.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import numpy as np
 import torch
 
 from evolq.blocks import Block
+from evolq.errors import UsageError
 from evolq.losses import Loss, get_loss
 from evolq.qmodel import QuantizedModel, batches
 
 DEFAULT_BATCH = 100
+DTYPES = (torch.float32, torch.bfloat16)
 
 
 @torch.no_grad()
@@ -45,6 +52,11 @@ class BlockObjective:
     Build one per block visit: the cached prefix assumes the other blocks' scales stay as they
     were at construction. ``x0`` is the block's vector at construction; calling ``f`` leaves the
     block's scales at the last ``x`` scored.
+
+    ``inputs`` (optional) are the residual stream entering the block, one tensor per calibration
+    batch, exactly as ``qmodel.prefix`` gives them; a caller walking the blocks in order can pass
+    the previous block's output instead of recomputing the prefix. ``dtype`` is ``torch.float32``
+    (the default, exact) or ``torch.bfloat16`` (opt-in: bfloat16 cache and autocast suffix).
     """
 
     def __init__(
@@ -55,8 +67,13 @@ class BlockObjective:
         loss: str | Loss = "infonce",
         batch_size: int = DEFAULT_BATCH,
         targets: torch.Tensor | None = None,
+        inputs: list[torch.Tensor] | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        if dtype not in DTYPES:
+            raise UsageError(f"objective dtype {dtype} is not supported; allowed: torch.float32 (default) or torch.bfloat16")
         self.qmodel = qmodel
+        self.dtype = dtype
         self.block = block if isinstance(block, Block) else qmodel.block(block)
         self.loss = get_loss(loss)
         self.batch_size = batch_size
@@ -65,8 +82,13 @@ class BlockObjective:
         self.dim = self.block.dim
         self.evaluations = 0
         self.images = images
-        with torch.no_grad():
-            self._inputs = [qmodel.prefix(batch, self.block.index) for batch in self.image_batches()]
+        if inputs is None:
+            with torch.no_grad():
+                inputs = [qmodel.prefix(batch, self.block.index) for batch in self.image_batches()]
+        elif [len(h) for h in inputs] != [len(batch) for batch in self.image_batches()]:
+            raise UsageError(f"block inputs hold batches of {[len(h) for h in inputs]} images; allowed: one tensor "
+                             f"per calibration batch of {batch_size}, as qmodel.prefix gives them")
+        self._inputs = [h.to(dtype) for h in inputs] if dtype != torch.float32 else list(inputs)
         self._targets = self.target_batches()
 
     def image_batches(self) -> list[torch.Tensor]:
@@ -80,9 +102,15 @@ class BlockObjective:
         """Memory held by the cached block inputs and FP targets."""
         return sum(t.numel() * t.element_size() for t in [*self._inputs, *self._targets])
 
+    def _suffix(self, h: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.float32:
+            return self.qmodel.suffix(h, self.block.index)
+        with torch.autocast(h.device.type, dtype=self.dtype):
+            logits = self.qmodel.suffix(h, self.block.index)
+        return logits.float()
+
     def _mean_loss(self) -> torch.Tensor:
-        index = self.block.index
-        losses = [self.loss(self.qmodel.suffix(h, index), t) for h, t in zip(self._inputs, self._targets)]
+        losses = [self.loss(self._suffix(h), t) for h, t in zip(self._inputs, self._targets)]
         return torch.stack(losses).mean()
 
     def __call__(self, x: np.ndarray) -> float:
@@ -92,7 +120,12 @@ class BlockObjective:
             return float(self._mean_loss())
 
     def batch(self, candidates: np.ndarray) -> np.ndarray:
-        """Scores of several vectors (rows), sharing the cached prefix."""
+        """Scores of several vectors (rows), sharing the cached prefix and targets; equal to ``[f(x) for x in X]``.
+
+        The rows run one after another: stacking them into one larger batch would change the
+        matrix shapes and with them the floating-point sums, so the scores would no longer be
+        bit-identical to single calls (``benchmarks/objective.py`` measures the difference).
+        """
         return np.array([self(x) for x in np.atleast_2d(candidates)])
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -102,9 +103,13 @@ class QuantizedModel(nn.Module):
     def block(self, index: int) -> Block:
         """Block ``index``; negative indices count from the end."""
         count = len(self.blocks)
-        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
+        try:
+            position = operator.index(index) if not isinstance(index, bool) else None
+        except TypeError:
+            position = None
+        if position is None or not -count <= position < count:
             raise UsageError(f"block index {index!r} is out of range; allowed: 0..{count - 1} (or -{count}..-1)")
-        return self.blocks[index]
+        return self.blocks[position]
 
     # -- scales ------------------------------------------------------------------------------
     def scales(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,205 @@
+"""Observers on known tensors: the ranges and quantization parameters they choose."""
+
+import pytest
+import torch
+
+from evolq.errors import UsageError
+from evolq.quant.bits import BitType
+from evolq.quant.observers import (
+    EMAObserver,
+    MinMaxObserver,
+    OMSEObserver,
+    PercentileObserver,
+    PTFObserver,
+    fake_quantize,
+    make_observer,
+)
+from evolq.quant.quantizer import Log2Quantizer, UniformQuantizer
+
+UINT8 = BitType(8)
+
+
+def l2(x, scale, zero_point, bit_type=UINT8, axis=None):
+    return (fake_quantize(x, scale, zero_point, bit_type, axis) - x).pow(2).mean().item()
+
+
+# -- min-max -------------------------------------------------------------------------------------
+def test_minmax_per_tensor_over_two_batches():
+    observer = MinMaxObserver(UINT8)
+    observer.update(torch.tensor([[-1.0, 2.0], [3.0, -4.0]]))
+    observer.update(torch.tensor([[5.0, 0.0]]))
+    assert (observer.low.item(), observer.high.item()) == (-4.0, 5.0)
+    scale, zero_point = observer.qparams()
+    assert scale.item() == pytest.approx(9 / 255, rel=1e-6)
+    assert zero_point.item() == 113  # round(4 / (9/255)) = round(113.33)
+
+
+def test_minmax_per_channel_axis_0():
+    observer = MinMaxObserver(UINT8, channel_axis=0)
+    observer.update(torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.25, 4.0]]))
+    assert observer.low.tolist() == [-2.0, 0.25] and observer.high.tolist() == [3.0, 4.0]
+    scale, zero_point = observer.qparams()
+    torch.testing.assert_close(scale, torch.tensor([5 / 255, 4 / 255]), rtol=1e-6, atol=0)
+    assert zero_point.tolist() == [102, 0]  # channel 1 widened to [0, 4]
+
+
+def test_minmax_per_channel_last_axis():
+    observer = MinMaxObserver(UINT8, channel_axis=-1)
+    x = torch.tensor([[[1.0, -1.0, 0.0], [2.0, -2.0, 0.0]], [[3.0, 0.0, 0.0], [4.0, 5.0, 0.0]]])  # (2, 2, 3)
+    observer.update(x)
+    observer.update(x * 0.5)
+    assert observer.low.tolist() == [0.5, -2.0, 0.0]
+    assert observer.high.tolist() == [4.0, 5.0, 0.0]
+
+
+def test_qparams_before_data_is_an_error():
+    with pytest.raises(RuntimeError, match="calibrate first"):
+        MinMaxObserver(UINT8).qparams()
+    with pytest.raises(RuntimeError, match="calibrate first"):
+        PTFObserver(UINT8).qparams()
+
+
+# -- EMA -----------------------------------------------------------------------------------------
+def test_ema_two_batches_momentum_0_9():
+    observer = EMAObserver(UINT8, momentum=0.9)
+    observer.update(torch.tensor([-1.0, 0.5, 2.0]))
+    assert (observer.low.item(), observer.high.item()) == (-1.0, 2.0)  # the first batch is taken as is
+    observer.update(torch.tensor([-3.0, 4.0, 1.0]))
+    # low = 0.9 * -1 + 0.1 * -3 = -1.2; high = 0.9 * 2 + 0.1 * 4 = 2.2 (min-max would say -3, 4)
+    assert observer.low.item() == pytest.approx(-1.2, abs=1e-6)
+    assert observer.high.item() == pytest.approx(2.2, abs=1e-6)
+    scale, zero_point = observer.qparams()
+    assert scale.item() == pytest.approx(3.4 / 255, rel=1e-5)
+    assert zero_point.item() == 90  # round(1.2 / (3.4/255)) = round(90.0)
+
+
+# -- percentile ----------------------------------------------------------------------------------
+def test_percentile_clips_one_huge_outlier():
+    x = torch.cat([torch.linspace(-1.0, 1.0, 10001), torch.tensor([1000.0])])
+    observer = PercentileObserver(UINT8, percentile=99.9)
+    observer.update(x)
+    assert 0.99 < observer.high.item() < 1.0
+    assert -1.0 < observer.low.item() < -0.99
+    scale, _ = observer.qparams()
+    assert scale.item() < 2 / 255
+    minmax = MinMaxObserver(UINT8)
+    minmax.update(x)
+    assert minmax.qparams()[0].item() > 1000 / 255
+
+
+def test_percentile_per_channel():
+    x = torch.stack([torch.linspace(0.0, 1.0, 2001), torch.linspace(-5.0, 5.0, 2001)])
+    x[0, 7] = 300.0
+    observer = PercentileObserver(UINT8, channel_axis=0, percentile=99.0)
+    observer.update(x)
+    assert observer.high.shape == (2,)
+    assert observer.high[0].item() < 1.0 and 4.8 < observer.high[1].item() < 5.0
+    assert -5.0 < observer.low[1].item() < -4.8
+
+
+# -- OMSE ----------------------------------------------------------------------------------------
+def test_omse_shrinks_the_range_when_an_outlier_costs_resolution():
+    x = torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(0)), torch.tensor([50.0])])
+    omse, minmax = OMSEObserver(UINT8), MinMaxObserver(UINT8)
+    omse.update(x)
+    minmax.update(x)
+    scale, zero_point = omse.qparams()
+    minmax_scale, minmax_zero = minmax.qparams()
+    factor = scale.item() / minmax_scale.item()
+    assert 0.5 < factor < 0.995  # a shrink 1 - 0.01 i with i >= 1
+    steps = (1 - factor) * 100
+    assert abs(steps - round(steps)) < 1e-3  # factor 1 - 0.01 i
+    assert l2(x, scale, zero_point) < l2(x, minmax_scale, minmax_zero)
+
+
+def test_omse_keeps_min_max_without_outliers():
+    x = torch.linspace(-1.0, 3.0, 4001)
+    omse, minmax = OMSEObserver(UINT8), MinMaxObserver(UINT8)
+    omse.update(x)
+    minmax.update(x)
+    scale, zero_point = omse.qparams()
+    assert l2(x, scale, zero_point) <= l2(x, *minmax.qparams())
+    assert scale.item() == pytest.approx(minmax.qparams()[0].item(), rel=0.03)
+
+
+def test_omse_tracks_min_max_over_all_batches_and_chooses_on_the_last():
+    omse = OMSEObserver(UINT8)
+    omse.update(torch.tensor([0.0, 50.0]))
+    last = torch.rand(1000, generator=torch.Generator().manual_seed(1))
+    omse.update(last)
+    assert (omse.low.item(), omse.high.item()) == (0.0, 50.0)
+    scale, zero_point = omse.qparams()
+    # every shrink down to 0.11 still holds [0, 1]: a finer grid wins on the last batch
+    assert scale.item() <= 0.15 * 50 / 255
+    assert zero_point.item() == 0
+
+
+# -- PTF -----------------------------------------------------------------------------------------
+def test_ptf_power_of_two_factors_and_shared_zero_point():
+    ramp = torch.linspace(-0.75, 1.25, 1024).reshape(4, 256, 1)
+    x = torch.cat([ramp * 1.0, ramp * 2.0, ramp * 8.0], dim=-1)  # channel ranges 1 : 2 : 8, widest [-6, 10]
+    observer = PTFObserver(UINT8)
+    observer.update(x)
+    scale, zero_point = observer.qparams()
+    base = (16 / 255) / 8  # the widest range on 255 steps, divided by the largest factor
+    torch.testing.assert_close(scale, torch.tensor([1.0, 2.0, 8.0]) * base, rtol=1e-6, atol=0)
+    assert zero_point.tolist() == [96, 96, 96]  # round(6 / (16/255)) = round(95.6), shared by all channels
+
+
+def test_ptf_via_make_observer_gives_factor_1_vs_8():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.rand(8, 50, 2, generator=generator) * 2 - 1
+    x[..., 1] *= 8.1
+    observer = make_observer("ptf", UINT8)
+    assert isinstance(observer, PTFObserver) and observer.channel_axis == -1
+    observer.update(x)
+    scale, zero_point = observer.qparams()
+    ratio = (scale[1] / scale[0]).item()
+    assert ratio == pytest.approx(8.0, rel=1e-6)
+    assert zero_point[0].item() == zero_point[1].item()
+
+
+# -- log2 ----------------------------------------------------------------------------------------
+def test_log2_quantizer_levels():
+    quantizer = Log2Quantizer(bits=4)
+    x = torch.tensor([1.0, 0.5, 0.3, 0.7, 2.0**-15, 2.0**-16, 1e-6, 0.0])
+    assert torch.equal(quantizer(x), x)  # mode "off": identity
+    quantizer.mode = "quant"
+    # 0.3 -> 2^-round(1.74) = 0.25; 0.7 -> 2^-round(0.51) = 0.5; 2^-15 is the smallest 4-bit level
+    assert quantizer(x).tolist() == [1.0, 0.5, 0.25, 0.5, 2.0**-15, 0.0, 0.0, 0.0]
+
+
+# -- names ---------------------------------------------------------------------------------------
+def test_make_observer_by_name():
+    assert isinstance(make_observer("minmax", UINT8), MinMaxObserver)
+    ema = make_observer("ema", UINT8, channel_axis=0)
+    assert type(ema) is EMAObserver and ema.channel_axis == 0
+    assert isinstance(make_observer("percentile", UINT8), PercentileObserver)
+    assert isinstance(make_observer("omse", UINT8), OMSEObserver)
+
+
+def test_make_observer_unknown_name_lists_the_allowed_names():
+    with pytest.raises(UsageError) as error:
+        make_observer("kmeans", UINT8)
+    assert str(error.value) == "observer 'kmeans' is unknown; allowed: minmax, ema, percentile, omse, ptf"
+    assert isinstance(error.value, ValueError)
+
+
+# -- the quantizer module's modes ----------------------------------------------------------------
+def test_uniform_quantizer_modes():
+    quantizer = UniformQuantizer(UINT8, MinMaxObserver(UINT8))
+    x = torch.linspace(-1.0, 3.0, 101)
+    assert torch.equal(quantizer(x), x) and not quantizer.observer.seen  # off
+    quantizer.mode = "quant"
+    assert torch.equal(quantizer(x), x)  # not calibrated yet: identity
+    quantizer.mode = "observe"
+    assert torch.equal(quantizer(x), x) and quantizer.observer.seen
+    quantizer.finish_calibration()
+    assert quantizer.scale.shape == () and quantizer.zero_point.item() == 64
+    quantizer.mode = "quant"
+    out = quantizer(x)
+    assert not torch.equal(out, x) and (out - x).abs().max().item() <= 0.5 * 4 / 255 + 1e-6
+    quantizer.mode = "off"
+    assert torch.equal(quantizer(x), x)
+    quantizer.mode = "quant"
+    assert torch.equal(quantizer(x), out)  # parameters survive switching off and back

@@ -1,0 +1,105 @@
+"""The block-wise search on the shipped default model: it improves, resumes exactly, and reloads."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import evolq
+from evolq.checkpoint import SearchCheckpoint
+from evolq.objective import fp_logits, model_loss
+
+
+def test_search_lowers_the_calibration_loss(qmodel_w4a8, data):
+    calib, selection = data
+    before = model_loss(qmodel_w4a8, calib, fp_logits(qmodel_w4a8, calib))
+    found = evolq.search(qmodel_w4a8, calib, selection, passes=1, evaluations_per_block=8, seed=0, progress=False)
+    history = found.history
+    assert found.evaluations == len(history) == 6 * 8
+    assert list(history["block"].unique()) == [5, 4, 3, 2, 1, 0]  # last block first
+    # The first evaluation of the first visit is the PTQ model itself.
+    assert history["value"].iloc[0] == pytest.approx(before, rel=1e-6)
+    assert history["value"].min() < before
+    assert found.calib_loss <= before
+
+
+def test_every_visit_costs_one_plus_three_evaluations_by_default(qmodel_w4a8, data):
+    calib, selection = data
+    found = evolq.search(qmodel_w4a8, calib, selection, passes=1, seed=0, progress=False)
+    assert found.evaluations == 6 * 4
+    assert (found.history.groupby("block").size() == 4).all()
+
+
+def _interrupt_after(monkeypatch, saves: int):
+    original, count = SearchCheckpoint.save, {"n": 0}
+
+    def save_then_stop(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == saves:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SearchCheckpoint, "save", save_then_stop)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(fmnist_train, data, tmp_path, monkeypatch):
+    calib, selection = data
+    images, _ = fmnist_train
+
+    def fresh():
+        return evolq.QuantizedModel(evolq.load_default(), "w4a8").calibrate(images[:200], progress=False)
+
+    straight = fresh()
+    expected = evolq.search(straight, calib, selection, passes=2, seed=3, progress=False)
+
+    _interrupt_after(monkeypatch, saves=7)  # stop inside the second pass
+    interrupted = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        evolq.search(interrupted, calib, selection, passes=2, seed=3, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+
+    resumed_model = fresh()
+    resumed = evolq.search(resumed_model, calib, selection, passes=2, seed=3, checkpoint_dir=tmp_path,
+                           resume=True, progress=False)
+    for a, b in zip(straight.blocks, resumed_model.blocks):
+        assert np.array_equal(a.scales(), b.scales())
+    assert resumed.calib_loss == expected.calib_loss
+    assert resumed.best_pass == expected.best_pass
+    assert resumed.history["value"].tolist() == expected.history["value"].tolist()
+
+
+def test_resume_refuses_a_folder_of_another_configuration(qmodel_w4a8, data, tmp_path):
+    calib, selection = data
+    evolq.search(qmodel_w4a8, calib, selection, passes=1, seed=0, checkpoint_dir=tmp_path,
+                 fingerprint={"preset": "w4a8"}, progress=False)
+    with pytest.raises(evolq.UsageError, match="preset='w4a8'.*preset='w3a8'"):
+        evolq.search(qmodel_w4a8, calib, selection, passes=1, seed=0, checkpoint_dir=tmp_path,
+                     fingerprint={"preset": "w3a8"}, resume=True, progress=False)
+
+
+def test_quantize_writes_a_run_that_load_quantized_rebuilds(tmp_path):
+    config = evolq.RunConfig(calib_size=100, selection_size=100, eval_size=300, passes=1, threads=1)
+    result = evolq.run_quantize(config, out=tmp_path, progress=False)
+    written = json.loads((tmp_path / "result.json").read_text())
+    for key in ("fp_top1", "ptq_top1", "final_top1", "calib_loss_ptq", "calib_loss_final", "selection_loss",
+                "evaluations", "wall_s", "config", "versions"):
+        assert key in written
+    assert written["complete"] is True and written["evaluations"] == 24
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert history[0] == "pass,block,optimizer,evaluation,value,best,seconds" and len(history) == 1 + 24
+
+    rebuilt = evolq.load_quantized(tmp_path)
+    images, labels = evolq.load_fmnist("test")
+    with torch.inference_mode():
+        correct = (rebuilt(images[:300]).argmax(-1) == labels[:300]).sum().item()
+    assert 100.0 * correct / 300 == pytest.approx(result["final_top1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["cmaes", "random", "ng:OnePlusOne", "gradient"])
+def test_every_optimizer_runs_the_block_wise_search(qmodel_w4a8, data, optimizer):
+    calib, selection = data
+    found = evolq.search(qmodel_w4a8, calib, selection, optimizer=optimizer, passes=1, evaluations_per_block=3,
+                         seed=0, progress=False)
+    assert found.evaluations == 6 * 3
+    assert np.isfinite(found.history["value"]).all()
