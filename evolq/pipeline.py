@@ -25,7 +25,7 @@ from evolq.qmodel import QuantizedModel
 from evolq.quant.config import QuantConfig
 from evolq.search import search
 
-DEMO_PRESET = "w4a8"
+DEMO_PRESET = "w3a4"
 PACKAGES = ("evolq", "torch", "timm", "numpy", "nevergrad", "cma")
 # Settings that do not change a run's numbers, so --resume accepts a change of them.
 NOT_IN_FINGERPRINT = ("device", "threads", "progress")
