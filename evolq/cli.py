@@ -7,6 +7,7 @@ Errors are one line on stderr; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import Callable, Sequence
@@ -147,13 +148,14 @@ def _compare(args: argparse.Namespace) -> int:
     from optimizers import make_problem
 
     names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))  # parallel cells share the cores
     if args.problem:
         make_problem(args.problem, dim=args.dim)  # fail early on a bad name
         problems = {args.problem: partial(make_problem, args.problem, dim=args.dim)}
         budget = args.budget or 200
     else:
         problems = {
-            preset: QuantizedSearch(_config(args, preset=preset, passes=args.passes,
+            preset: QuantizedSearch(_config(args, preset=preset, passes=args.passes, threads=threads,
                                             evaluations_per_block=args.evaluations_per_block))
             for preset in (p.strip() for p in args.presets.split(",") if p.strip())
         }
