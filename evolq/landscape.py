@@ -86,8 +86,8 @@ def run_landscape(prepared: Prepared, block: int, dims: int = 2, points: int = 2
         raise UsageError(f"--dims {dims!r} is not allowed; allowed: 1 or 2")
     if metric not in METRICS:
         raise UsageError(f"--metric {metric!r} is unknown; allowed: {', '.join(METRICS)}")
-    if isinstance(points, bool) or not isinstance(points, int) or points < 3:
-        raise UsageError(f"--points {points!r} is not allowed; allowed: an integer >= 3")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 5:
+        raise UsageError(f"--points {points!r} is not allowed; allowed: an integer >= 5 (roughness needs 5 per axis)")
     chosen = prepared.qmodel.block(block)
     radius = default_eps(chosen.weight_bits) if radius is None else radius
     if not np.isfinite(radius) or radius <= 0:
