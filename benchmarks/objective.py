@@ -45,7 +45,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from evolq.losses import get_loss
-from evolq.objective import BlockObjective, fp_logits, reuse_freed_memory
+from evolq.allocator import reuse_freed_memory
+from evolq.objective import BlockObjective, fp_logits
 from evolq.qmodel import QuantizedModel, batches
 from evolq.quant.attention import QAttention
 

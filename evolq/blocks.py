@@ -17,9 +17,11 @@ from evolq.quant.layers import QuantWeightLayer
 
 def check_vector(x: object, dim: int, what: str = "scale vector") -> np.ndarray:
     """``x`` as a float64 vector of length ``dim`` with finite positive values, else a one-line error."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
     try:
         vector = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise UsageError(f"{what} of type {type(x).__name__} is not numeric; allowed: {dim} positive finite numbers") from None
     if vector.shape != (dim,):
         raise UsageError(f"{what} has shape {vector.shape}; allowed: a flat vector of length {dim}")

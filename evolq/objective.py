@@ -14,46 +14,17 @@ it is faster only where the hardware has bfloat16 matrix units, and its losses d
 
 from __future__ import annotations
 
-import ctypes
-import platform
-
 import numpy as np
 import torch
 
-from evolq.blocks import Block
+from evolq.allocator import reuse_freed_memory
+from evolq.blocks import Block, check_vector
 from evolq.errors import UsageError
 from evolq.losses import Loss, get_loss
 from evolq.qmodel import QuantizedModel, batches
 
 DEFAULT_BATCH = 100
 DTYPES = (torch.float32, torch.bfloat16)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-_freed_memory_kept = False
-
-
-def reuse_freed_memory() -> bool:
-    """Have glibc keep freed memory for reuse instead of giving it back to the OS; True where applied.
-
-    Each op of a forward pass allocates its output. By default glibc serves large blocks with
-    fresh ``mmap`` pages and unmaps them on free, so every evaluation page-faults (and the kernel
-    zero-fills) its activations again: on 2 CPU cores that costs 1.3x (DeiT-Tiny) to 2.8x (the
-    default model) the CPU time of an evaluation (``docs/performance.md``). With ``mmap`` off and a
-    high trim threshold the same blocks are reused. Results are unchanged; the process keeps its
-    peak heap until it exits. Process-wide and idempotent; ``BlockObjective`` calls it for CPU
-    tensors. A no-op (False) where the C library is not glibc.
-    """
-    global _freed_memory_kept
-    if _freed_memory_kept:
-        return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _freed_memory_kept = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    return _freed_memory_kept
 
 
 @torch.no_grad()
@@ -87,6 +58,12 @@ class BlockObjective:
     batch, exactly as ``qmodel.prefix`` gives them; a caller walking the blocks in order can pass
     the previous block's output instead of recomputing the prefix. ``dtype`` is ``torch.float32``
     (the default, exact) or ``torch.bfloat16`` (opt-in: bfloat16 cache and autocast suffix).
+
+    Every loss computed is remembered by its exact vector, so scoring a point twice costs one
+    forward. ``x0_value`` seeds that memory with the loss at ``x0`` when the caller already has
+    it: in the block-wise search the previous visit's best is the whole model's loss as it
+    stands, the same number ``f(x0)`` would compute (bit for bit, tested), so each visit saves one
+    of its forwards. Evaluations are counted either way.
     """
 
     def __init__(
@@ -99,6 +76,7 @@ class BlockObjective:
         targets: torch.Tensor | None = None,
         inputs: list[torch.Tensor] | None = None,
         dtype: torch.dtype = torch.float32,
+        x0_value: float | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise UsageError(f"objective dtype {dtype} is not supported; allowed: torch.float32 (default) or torch.bfloat16")
@@ -113,6 +91,7 @@ class BlockObjective:
         self.x0 = self.block.scales()
         self.dim = self.block.dim
         self.evaluations = 0
+        self._known: dict[bytes, float] = {} if x0_value is None else {_key(self.x0, self.dim): float(x0_value)}
         self.images = images
         if inputs is None:
             with torch.no_grad():
@@ -148,8 +127,15 @@ class BlockObjective:
     def __call__(self, x: np.ndarray) -> float:
         self.block.set_scales(x)
         self.evaluations += 1
-        with torch.inference_mode():
-            return float(self._mean_loss())
+        key = _key(x, self.dim)
+        if key not in self._known:
+            with torch.inference_mode():
+                self._known[key] = float(self._mean_loss())
+        return self._known[key]
+
+    def value_at(self, x: np.ndarray) -> float | None:
+        """The loss this objective already computed at exactly ``x``, or None."""
+        return self._known.get(_key(x, self.dim))
 
     def batch(self, candidates: np.ndarray) -> np.ndarray:
         """Scores of several vectors (rows), sharing the cached prefix and targets; equal to ``[f(x) for x in X]``.
@@ -179,3 +165,7 @@ class BlockObjective:
             for layer in layers:
                 layer.scale_override = None
         return float(value.detach()), scale.grad.double().numpy()
+
+
+def _key(x: np.ndarray, dim: int) -> bytes:
+    return check_vector(x, dim).tobytes()

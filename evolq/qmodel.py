@@ -85,13 +85,23 @@ class QuantizedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
     def prefix(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """The residual stream entering block ``block`` (0 = right after the embedding)."""
-        model = self.model
-        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-        for module in model.blocks[:block]:
+        h = self._embed(x)
+        for module in self.model.blocks[:block]:
             h = module(h)
         return h
+
+    def block_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The residual stream entering every block, from one forward: entry ``k`` is ``prefix(x, k)``."""
+        inputs = [self._embed(x)]
+        for module in self.model.blocks[:-1]:
+            inputs.append(module(inputs[-1]))
+        return inputs
 
     def suffix(self, h: torch.Tensor, block: int) -> torch.Tensor:
         """Logits from the residual stream entering block ``block``."""

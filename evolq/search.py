@@ -24,10 +24,11 @@ import optimizers
 from evolq.checkpoint import SearchCheckpoint
 from evolq.errors import UsageError
 from evolq.losses import get_loss
-from evolq.objective import BlockObjective, fp_logits, model_loss
-from evolq.qmodel import QuantizedModel
+from evolq.objective import DEFAULT_BATCH, BlockObjective, fp_logits, model_loss
+from evolq.qmodel import QuantizedModel, batches
 
 ORDERS = ("reverse", "forward")
+PASS_CACHE_BYTES = 2**30  # most memory spent on every block's inputs at once (else each visit computes its own)
 HISTORY_COLUMNS = ["pass", "block", "optimizer", "evaluation", "value", "best", "seconds"]
 
 
@@ -68,6 +69,23 @@ def _check(passes: int, evaluations_per_block: int, order: str) -> None:
             raise UsageError(f"{name} {value!r} is not allowed; allowed: an integer >= 1")
     if order not in ORDERS:
         raise UsageError(f"block order {order!r} is unknown; allowed: {', '.join(ORDERS)}")
+
+
+@torch.no_grad()
+def pass_inputs(qmodel: QuantizedModel, images: torch.Tensor, batch_size: int = DEFAULT_BATCH,
+                limit_bytes: int = PASS_CACHE_BYTES) -> list[list[torch.Tensor]] | None:
+    """Every block's calibration inputs (per block, per batch) from one forward, or None past ``limit_bytes``.
+
+    A reverse pass changes only blocks above the one it visits, so inputs taken at the start
+    of the pass stay exact for all its visits: one forward instead of one prefix per visit.
+    """
+    image_batches = list(batches(images, batch_size))
+    first = qmodel.block_inputs(image_batches[0])
+    per_image = sum(h[0].numel() * h.element_size() for h in first)
+    if per_image * len(images) > limit_bytes:
+        return None
+    by_batch = [first] + [qmodel.block_inputs(batch) for batch in image_batches[1:]]
+    return [list(block) for block in zip(*by_batch)]
 
 
 @torch.inference_mode()
@@ -118,12 +136,18 @@ def search(
         best = dict(pass_index=0, selection_top1=top, selection_loss=sel_loss, scales=qmodel.scales())
     started = time.time() - (history[-1]["seconds"] if history else 0.0)
     bar = tqdm(total=len(visits), initial=done, desc=f"search ({optimizer})", disable=not progress)
+    known_loss = None  # the whole model's loss as it stands, once a visit has computed it
+    inputs = None  # every block's inputs, taken at the start of a reverse pass (or of a resumed one)
     for visit, (pass_index, block) in enumerate(visits[done:], start=done):
-        objective = BlockObjective(qmodel, block, calib_images, loss_fn, targets=targets)
+        if order == "reverse" and (inputs is None or block == blocks[-1]):
+            inputs = pass_inputs(qmodel, calib_images)
+        objective = BlockObjective(qmodel, block, calib_images, loss_fn, targets=targets, x0_value=known_loss,
+                                   inputs=None if inputs is None else inputs[block])
         chosen = make_optimizer(optimizer, qmodel.blocks[block].weight_bits, options)
         result = chosen.minimize(objective, objective.x0, budget=evaluations_per_block,
                                  seed=visit_seed(seed, pass_index, block))
         qmodel.blocks[block].set_scales(result.x)
+        known_loss = objective.value_at(result.x)
         offset = len(history)
         for row in result.history.itertuples():
             history.append(dict(zip(HISTORY_COLUMNS, (pass_index, block, optimizer, offset + row.evaluation,

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from evolq.errors import UsageError
-from evolq.objective import BlockObjective, fp_logits, reuse_freed_memory
+from evolq.allocator import reuse_freed_memory
+from evolq.objective import BlockObjective, fp_logits
 from evolq.qmodel import QuantizedModel, batches
 from evolq.zoo import DEFAULT_ARCH, default_architecture
 

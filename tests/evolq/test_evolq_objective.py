@@ -26,8 +26,34 @@ def test_same_point_twice_is_bit_identical(qmodel, images):
     first = f(f.x0)
     assert isinstance(first, float) and np.isfinite(first)
     f(near(f.x0, 0))
-    assert f(f.x0) == first
-    assert f(f.x0.copy()) == first
+    again = BlockObjective(qmodel, 4, images, batch_size=BATCH, targets=f.targets)  # recomputes, no memory
+    assert again(f.x0) == first
+
+
+def test_a_point_scored_twice_is_computed_once_and_counted_twice(qmodel, images, monkeypatch):
+    f = BlockObjective(qmodel, 3, images, batch_size=BATCH)
+    computed = []
+    original = f._mean_loss
+    monkeypatch.setattr(f, "_mean_loss", lambda: computed.append(1) or original())
+    x = near(f.x0, 3)
+    assert f.value_at(x) is None
+    value = f(x)
+    assert f(x.copy()) == value == f.value_at(x)
+    assert f(f.x0) != value
+    assert (len(computed), f.evaluations) == (2, 3)
+    np.testing.assert_array_equal(qmodel.block(3).scales(), f.x0.astype(np.float32))  # scales still follow x
+
+
+@pytest.mark.parametrize("block", [0, 2, 4])
+def test_the_next_visits_x0_equals_this_visits_best_bit_for_bit(qmodel, images, block):
+    """What lets the search hand a visit's best loss to the next visit as ``x0_value``."""
+    f = BlockObjective(qmodel, block + 1, images, batch_size=BATCH)
+    x = near(f.x0, 20 + block)
+    best = f(x)
+    following = BlockObjective(qmodel, block, images, batch_size=BATCH, targets=f.targets)
+    assert following(following.x0) == best
+    seeded = BlockObjective(qmodel, block, images, batch_size=BATCH, targets=f.targets, x0_value=best)
+    assert seeded(seeded.x0) == best and seeded.evaluations == 1
 
 
 def test_batch_matches_repeated_calls_and_counts_evaluations(qmodel, images):
@@ -124,3 +150,16 @@ def test_objective_on_an_uncalibrated_model_says_calibrate_first(fp_model, image
 
     with pytest.raises(UsageError, match="calibrat"):
         BlockObjective(QuantizedModel(fp_model, "w4a8"), 0, images[:10], batch_size=10)
+
+
+def test_pass_inputs_are_every_blocks_prefix_and_respect_the_memory_limit(qmodel, images):
+    from evolq.search import pass_inputs
+
+    inputs = pass_inputs(qmodel, images, batch_size=BATCH)
+    assert len(inputs) == DEPTH and all(len(block) == N_IMAGES // BATCH for block in inputs)
+    for block in (0, 3, DEPTH - 1):
+        for b, batch in enumerate(images.split(BATCH)):
+            assert torch.equal(inputs[block][b], qmodel.prefix(batch, block))
+    one_block = inputs[0][0][0].numel() * 4 * N_IMAGES
+    assert pass_inputs(qmodel, images, batch_size=BATCH, limit_bytes=DEPTH * one_block - 1) is None
+    assert pass_inputs(qmodel, images, batch_size=BATCH, limit_bytes=DEPTH * one_block) is not None
