@@ -35,6 +35,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wbits", type=int, help="weight bits, 2..8 (overrides the preset)")
     parser.add_argument("--abits", type=int, help="activation bits, 2..8 (overrides the preset)")
     parser.add_argument("--calib-size", type=int, default=1000, help="calibration images from train (default 1000)")
+    parser.add_argument("--selection-size", type=int, default=1000,
+                        help="held-out training images: quantize and compare pick the best pass on them, "
+                             "landscape --metric top1 scores them (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--loss", default="infonce", help="infonce (default), mse, kl or cosine")
@@ -47,7 +50,6 @@ def _quantize_parser(commands) -> None:
     parser.add_argument("--optimizer", default="evolq", help="evolq (default), cmaes, random, gradient, ng:<name>, or none (PTQ only)")
     parser.add_argument("--passes", type=int, default=10, help="sweeps over all blocks (default 10)")
     parser.add_argument("--evaluations-per-block", type=int, default=4, help="objective evaluations per block visit (default 4)")
-    parser.add_argument("--selection-size", type=int, default=1000, help="held-out training images used to pick the best pass")
     parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--config", help="re-run the configuration recorded in a result.json (other options are ignored)")
@@ -61,7 +63,8 @@ def _config(args: argparse.Namespace, **extra) -> "RunConfig":
     settings = dict(
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
         data_dir=args.data_dir, preset=args.preset or DEMO_PRESET, wbits=args.wbits, abits=args.abits,
-        calib_size=args.calib_size, seed=args.seed, device=args.device, loss=args.loss,
+        calib_size=args.calib_size, selection_size=args.selection_size, seed=args.seed, device=args.device,
+        loss=args.loss,
     )
     return RunConfig(**{**settings, **extra})
 
@@ -73,7 +76,7 @@ def _quantize(args: argparse.Namespace) -> int:
         config = RunConfig.from_result(args.config)
     else:
         config = _config(
-            args, selection_size=args.selection_size, eval_size=args.eval_size, optimizer=args.optimizer,
+            args, eval_size=args.eval_size, optimizer=args.optimizer,
             passes=args.passes, evaluations_per_block=args.evaluations_per_block,
         )
     out = args.out or f"runs/{config.model}-{config.quant_config().name}-{config.optimizer}-seed{config.seed}"
@@ -99,7 +102,8 @@ def _landscape(args: argparse.Namespace) -> int:
     from evolq.landscape import run_landscape
     from evolq.pipeline import prepare
 
-    config = _config(args, optimizer="none")
+    # Only --metric top1 looks at the selection images: a loss slice leaves them in the training set.
+    config = _config(args, optimizer="none", **({} if args.metric == "top1" else {"selection_size": 0}))
     out = args.out or f"runs/landscape-{config.quant_config().name}-block{args.block}"
     summary = run_landscape(
         prepare(config), args.block, dims=args.dims, points=args.points, radius=args.radius, metric=args.metric,
@@ -152,7 +156,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.problem:
         make_problem(args.problem, dim=args.dim)  # fail early on a bad name
         problems = {args.problem: partial(make_problem, args.problem, dim=args.dim)}
-        budget = args.budget or 200
+        budget = 200 if args.budget is None else args.budget
     else:
         problems = {
             preset: QuantizedSearch(_config(args, preset=preset, passes=args.passes, threads=threads,

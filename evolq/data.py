@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from evolq.errors import UsageError
+from evolq.errors import RunError, UsageError
 
 FMNIST_ENV = "EVOLQ_FMNIST_DIR"
 FMNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -35,23 +36,16 @@ def fmnist_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def _read_idx(path: Path, header_ints: int) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
-    header = np.frombuffer(raw[: 4 * header_ints], dtype=">i4")
-    data = np.frombuffer(raw[4 * header_ints :], dtype=np.uint8)
-    return data.reshape(tuple(int(n) for n in header[1:]) or (-1,))
-
-
-def _download_fmnist(folder: Path) -> bool:
-    """Fetch the raw files with torchvision; False where that is not possible."""
+    """One gzipped IDX file; a damaged one is named in the error rather than failing deep in gzip."""
     try:
-        from torchvision.datasets import FashionMNIST
-
-        FashionMNIST(str(folder), train=True, download=True)
-        FashionMNIST(str(folder), train=False, download=True)
-    except Exception:  # noqa: BLE001 - no network or no permission: the caller explains
-        return False
-    return True
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+        header = np.frombuffer(raw[: 4 * header_ints], dtype=">i4")
+        data = np.frombuffer(raw[4 * header_ints :], dtype=np.uint8)
+        return data.reshape(tuple(int(n) for n in header[1:]) or (-1,))
+    except (OSError, EOFError, ValueError, zlib.error) as error:
+        raise RunError(f"Fashion-MNIST file {str(path)!r} cannot be read ({error}); it is truncated or damaged: "
+                       "reinstall dataset-fashion-mnist or copy the file again") from None
 
 
 def _locate_fmnist_file(folder: Path, name: str) -> Path | None:
@@ -68,8 +62,6 @@ def load_fmnist(split: str, path: str | os.PathLike | None = None) -> tuple[torc
     folder = fmnist_dir(path)
     names = FMNIST_FILES[split]
     files = [_locate_fmnist_file(folder, name) for name in names]
-    if None in files and _download_fmnist(folder):
-        files = [_locate_fmnist_file(folder, name) for name in names]
     if None in files:
         raise UsageError(
             f"Fashion-MNIST files {names[0]} and {names[1]} not found in {folder}; "
@@ -141,9 +133,10 @@ def make_splits(
     seed: int = 0,
 ) -> Splits:
     """Seeded, disjoint calibration and selection subsets of ``train``; ``evaluation`` as given."""
-    for name, size in (("calib size", calib_size), ("selection size", selection_size)):
-        if size < 1:
-            raise UsageError(f"{name} {size} is not allowed; it must be a positive number of images")
+    if calib_size < 1:
+        raise UsageError(f"calib size {calib_size} is not allowed; allowed: a positive number of images")
+    if selection_size < 0:
+        raise UsageError(f"selection size {selection_size} is not allowed; allowed: 0 or a positive number of images")
     if calib_size + selection_size > len(train):
         raise UsageError(
             f"calib size {calib_size} + selection size {selection_size} exceeds the {len(train)} training images; "

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from evolq.errors import RunError
+from evolq.errors import RunError, UsageError
+
+# What a killed write leaves: ours (``atomic_path``) and the safetensors writer's own.
+_LEFT_BY_A_KILLED_WRITE = re.compile(r"\..+\.[A-Za-z0-9_]{6,}\.tmp|\.tmp[A-Za-z0-9_]{6}")
 
 
 @contextmanager
@@ -38,6 +42,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def writable_folder(path: str | os.PathLike) -> Path:
+    """Check a run's output folder can be made and written (nothing is created yet: a run that
+    fails on bad input leaves no folder behind), and remove temporaries a killed write left there."""
+    folder = Path(path)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise RunError(f"cannot write output folder {str(folder)!r}: {str(existing)!r} {reason}; "
+                       "allowed: a folder you can create and write")
+    if existing == folder:
+        for leftover in folder.iterdir():
+            if _LEFT_BY_A_KILLED_WRITE.fullmatch(leftover.name) and leftover.is_file():
+                leftover.unlink(missing_ok=True)
+    return folder
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -57,8 +77,9 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    payload = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.write_bytes(payload)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -74,6 +95,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - anything unreadable is one clear message
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "weights only" in str(error).lower() or "weights_only" in str(error):  # torch's advice is the unsafe load
+            first_line = "it holds pickled Python objects, which evolq does not load"
         raise RunError(
             f"checkpoint {str(path)!r} is neither a safetensors file nor a weights-only torch file "
             f"(corrupted, truncated or pickled objects?): {first_line[:200]}"
@@ -83,3 +106,18 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RunError(f"checkpoint {str(path)!r} does not hold a dict of tensors")
     return state
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, name: str) -> torch.nn.Module:
+    """Load a checkpoint file (see :func:`load_tensors`) into ``model``, architecture ``name``; one-line errors."""
+    state = load_tensors(path)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of the wrong shape
+        detail = " ".join(str(error).split())[:300]
+        raise UsageError(f"checkpoint {str(path)!r} does not fit {name!r} ({detail}); "
+                         "allowed: a state dict of this architecture") from None
+    if missing or unexpected:
+        raise UsageError(f"checkpoint {str(path)!r} does not fit {name!r}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}; allowed: a state dict of this architecture")
+    return model

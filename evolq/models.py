@@ -8,7 +8,7 @@ import timm
 import torch
 
 from evolq.errors import RunError, UsageError
-from evolq.files import load_tensors
+from evolq.files import load_weights
 from evolq.zoo import load_default
 
 SUPPORTED_FAMILIES = ("vit_", "deit_")
@@ -37,9 +37,5 @@ def create_model(name: str = "default", checkpoint: str | None = None, pretraine
         raise RunError(f"timm could not build {name!r} (pretrained weights need a hub download): "
                        f"{str(error).splitlines()[0][:200]}") from None
     if checkpoint is not None:
-        state = load_tensors(checkpoint)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise UsageError(f"checkpoint {checkpoint!r} does not fit {name!r}: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}; allowed: a state dict of this architecture")
+        load_weights(model, checkpoint, name)
     return model.eval()

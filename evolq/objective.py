@@ -64,6 +64,10 @@ class BlockObjective:
     it: in the block-wise search the previous visit's best is the whole model's loss as it
     stands, the same number ``f(x0)`` would compute (bit for bit, tested), so each visit saves one
     of its forwards. Evaluations are counted either way.
+
+    A vector with a zero, negative or non-finite scale raises :class:`UsageError`, unless
+    ``invalid_value`` is given: then it scores that value (counted, scales unchanged). The
+    search passes ``math.inf``, so an optimizer's degenerate candidate is the worst, not a crash.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class BlockObjective:
         inputs: list[torch.Tensor] | None = None,
         dtype: torch.dtype = torch.float32,
         x0_value: float | None = None,
+        invalid_value: float | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise UsageError(f"objective dtype {dtype} is not supported; allowed: torch.float32 (default) or torch.bfloat16")
@@ -91,6 +96,7 @@ class BlockObjective:
         self.x0 = self.block.scales()
         self.dim = self.block.dim
         self.evaluations = 0
+        self.invalid_value = invalid_value
         self._known: dict[bytes, float] = {} if x0_value is None else {_key(self.x0, self.dim): float(x0_value)}
         self.images = images
         if inputs is None:
@@ -125,7 +131,13 @@ class BlockObjective:
         return torch.stack(losses).mean()
 
     def __call__(self, x: np.ndarray) -> float:
-        self.block.set_scales(x)
+        try:
+            self.block.set_scales(x)
+        except UsageError:
+            if self.invalid_value is None or np.shape(x) != (self.dim,):
+                raise
+            self.evaluations += 1
+            return self.invalid_value
         self.evaluations += 1
         key = _key(x, self.dim)
         if key not in self._known:

@@ -15,16 +15,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+import optimizers
+
 from evolq.allocator import reuse_freed_memory
 from evolq.data import load_data, stack
 from evolq.errors import UsageError
 from evolq.evaluate import top1
-from evolq.files import load_tensors, read_json, save_tensors, write_json, write_text
+from evolq.files import load_tensors, read_json, save_tensors, writable_folder, write_json, write_text
+from evolq.losses import get_loss
 from evolq.models import create_model
 from evolq.objective import fp_logits, model_loss
 from evolq.qmodel import QuantizedModel
 from evolq.quant.config import QuantConfig
-from evolq.search import search
+from evolq.search import check_search_settings, search
 
 DEMO_PRESET = "w3a4"
 PACKAGES = ("evolq", "torch", "timm", "numpy", "nevergrad", "cma")
@@ -58,7 +61,26 @@ class RunConfig:
 
     def quant_config(self) -> QuantConfig:
         base = QuantConfig.preset(self.preset)
-        return base.with_(wbits=self.wbits or base.wbits, abits=self.abits or base.abits)
+        return base.with_(wbits=base.wbits if self.wbits is None else self.wbits,
+                          abits=base.abits if self.abits is None else self.abits)
+
+    def check(self) -> None:
+        """Fail on a bad setting now, with one line, rather than after minutes of calibration."""
+        self.quant_config()
+        if self.optimizer != "none":
+            try:
+                optimizers.make(self.optimizer)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+        get_loss(self.loss)
+        if self.optimizer != "none" and self.selection_size < 1:
+            raise UsageError(f"selection size {self.selection_size} is not allowed; allowed: a positive number of "
+                             "images (the search picks its best pass on them)")
+        check_search_settings(self.passes, self.evaluations_per_block, self.order)
+        if self.eval_size is not None and (isinstance(self.eval_size, bool) or not isinstance(self.eval_size, int)
+                                           or self.eval_size < 1):
+            raise UsageError(f"eval size {self.eval_size!r} is not allowed; allowed: an integer >= 1 "
+                             "(or none for the whole evaluation split)")
 
     @classmethod
     def from_result(cls, path: str | Path) -> "RunConfig":
@@ -126,8 +148,10 @@ def prepare(config: RunConfig, progress: bool = True) -> Prepared:
     evaluation = splits.evaluation
     if config.eval_size is not None:
         evaluation = Subset(evaluation, range(min(config.eval_size, len(evaluation))))
-    calib_images, _ = stack(splits.calib)
-    calib_images, *selection = _to(device, calib_images, *stack(splits.selection))
+    calib_images, labels = stack(splits.calib)
+    # An empty selection split (landscape loss slices need none) keeps the images' shape.
+    chosen = stack(splits.selection) if len(splits.selection) else (calib_images[:0], labels[:0])
+    calib_images, *selection = _to(device, calib_images, *chosen)
     qmodel = QuantizedModel(model, quant_config).to(device).calibrate(calib_images, progress=progress)
     return Prepared(config, device, qmodel, calib_images, tuple(selection), evaluation)
 
@@ -136,6 +160,9 @@ def run_quantize(config: RunConfig, out: str | Path | None = None, resume: bool 
                  progress: bool = True) -> dict:
     """Run the pipeline; returns the ``result.json`` content (also written to ``out`` if given)."""
     started = time.time()
+    config.check()
+    if out is not None:
+        writable_folder(Path(out))
     prepared = prepare(config, progress)
     qmodel, calib_images = prepared.qmodel, prepared.calib_images
 

@@ -10,6 +10,7 @@ start counts as pass 0) is what the search returns. The evaluation split is neve
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,8 @@ class SearchResult:
     passes: list[dict] = field(default_factory=list)
 
 
-def _check(passes: int, evaluations_per_block: int, order: str) -> None:
+def check_search_settings(passes: int, evaluations_per_block: int, order: str) -> None:
+    """One-line errors for passes or evaluations per block below 1 and unknown block orders."""
     for name, value in (("passes", passes), ("evaluations per block", evaluations_per_block)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} {value!r} is not allowed; allowed: an integer >= 1")
@@ -117,7 +119,7 @@ def search(
     progress: bool = True,
 ) -> SearchResult:
     """Search every block's scales of a calibrated ``qmodel``; leaves it at the best pass's scales."""
-    _check(passes, evaluations_per_block, order)
+    check_search_settings(passes, evaluations_per_block, order)
     options = dict(optimizer_options or {})
     optimizers.make(optimizer, **options)  # fail early on a bad name or option
     loss_fn = get_loss(loss)
@@ -135,33 +137,33 @@ def search(
         done, history, pass_log = 0, [], [dict(pass_index=0, selection_top1=top, selection_loss=sel_loss)]
         best = dict(pass_index=0, selection_top1=top, selection_loss=sel_loss, scales=qmodel.scales())
     started = time.time() - (history[-1]["seconds"] if history else 0.0)
-    bar = tqdm(total=len(visits), initial=done, desc=f"search ({optimizer})", disable=not progress)
     known_loss = None  # the whole model's loss as it stands, once a visit has computed it
     inputs = None  # every block's inputs, taken at the start of a reverse pass (or of a resumed one)
-    for visit, (pass_index, block) in enumerate(visits[done:], start=done):
-        if order == "reverse" and (inputs is None or block == blocks[-1]):
-            inputs = pass_inputs(qmodel, calib_images)
-        objective = BlockObjective(qmodel, block, calib_images, loss_fn, targets=targets, x0_value=known_loss,
-                                   inputs=None if inputs is None else inputs[block])
-        chosen = make_optimizer(optimizer, qmodel.blocks[block].weight_bits, options)
-        result = chosen.minimize(objective, objective.x0, budget=evaluations_per_block,
-                                 seed=visit_seed(seed, pass_index, block))
-        qmodel.blocks[block].set_scales(result.x)
-        known_loss = objective.value_at(result.x)
-        offset = len(history)
-        for row in result.history.itertuples():
-            history.append(dict(zip(HISTORY_COLUMNS, (pass_index, block, optimizer, offset + row.evaluation,
-                                                       row.value, row.best, time.time() - started))))
-        bar.set_postfix(block=block, loss=f"{result.value:.4f}")
-        bar.update()
-        if visit + 1 == len(visits) or visits[visit + 1][0] != pass_index:
-            top, sel_loss = selection_score(qmodel, selection_images, selection_labels, selection_targets, loss_fn)
-            pass_log.append(dict(pass_index=pass_index, selection_top1=top, selection_loss=sel_loss))
-            if (top, -sel_loss) > (best["selection_top1"], -best["selection_loss"]):
-                best = dict(pass_index=pass_index, selection_top1=top, selection_loss=sel_loss, scales=qmodel.scales())
-        if state is not None:
-            state.save(qmodel, visit + 1, history, pass_log, best)
-    bar.close()
+    # The bar is closed on the way out, also on Ctrl-C, so messages after it start their own line.
+    with tqdm(total=len(visits), initial=done, desc=f"search ({optimizer})", disable=not progress) as bar:
+        for visit, (pass_index, block) in enumerate(visits[done:], start=done):
+            if order == "reverse" and (inputs is None or block == blocks[-1]):
+                inputs = pass_inputs(qmodel, calib_images)
+            objective = BlockObjective(qmodel, block, calib_images, loss_fn, targets=targets, x0_value=known_loss,
+                                       inputs=None if inputs is None else inputs[block], invalid_value=math.inf)
+            chosen = make_optimizer(optimizer, qmodel.blocks[block].weight_bits, options)
+            result = chosen.minimize(objective, objective.x0, budget=evaluations_per_block,
+                                     seed=visit_seed(seed, pass_index, block))
+            qmodel.blocks[block].set_scales(result.x)
+            known_loss = objective.value_at(result.x)
+            offset = len(history)
+            for row in result.history.itertuples():
+                history.append(dict(zip(HISTORY_COLUMNS, (pass_index, block, optimizer, offset + row.evaluation,
+                                                           row.value, row.best, time.time() - started))))
+            bar.set_postfix(block=block, loss=f"{result.value:.4f}")
+            bar.update()
+            if visit + 1 == len(visits) or visits[visit + 1][0] != pass_index:
+                top, sel_loss = selection_score(qmodel, selection_images, selection_labels, selection_targets, loss_fn)
+                pass_log.append(dict(pass_index=pass_index, selection_top1=top, selection_loss=sel_loss))
+                if (top, -sel_loss) > (best["selection_top1"], -best["selection_loss"]):
+                    best = dict(pass_index=pass_index, selection_top1=top, selection_loss=sel_loss, scales=qmodel.scales())
+            if state is not None:
+                state.save(qmodel, visit + 1, history, pass_log, best)
     qmodel.load_scales(best["scales"])
     calib_loss = model_loss(qmodel, calib_images, targets, loss_fn)
     return SearchResult(

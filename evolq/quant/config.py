@@ -35,10 +35,13 @@ class QuantConfig:
         check_bits("wbits", self.wbits)
         check_bits("abits", self.abits)
         check_bits("softmax_bits", self.softmax_bits)
-        if self.act_observer not in OBSERVERS:
-            raise UsageError(f"activation observer {self.act_observer!r} is unknown; allowed: {', '.join(OBSERVERS)}")
-        if self.softmax not in SOFTMAX_KINDS:
-            raise UsageError(f"softmax quantizer {self.softmax!r} is unknown; allowed: {', '.join(SOFTMAX_KINDS)}")
+        for what, value, allowed in (("activation observer", self.act_observer, tuple(OBSERVERS)),
+                                     ("softmax quantizer", self.softmax, SOFTMAX_KINDS)):
+            if not isinstance(value, str) or value not in allowed:
+                raise UsageError(f"{what} {value!r} is unknown; allowed: {', '.join(allowed)}")
+        for switch in ("ptf", "bias_correction"):
+            if not isinstance(getattr(self, switch), bool):
+                raise UsageError(f"{switch} {getattr(self, switch)!r} is not allowed; allowed: True or False")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "QuantConfig":

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from evolq.files import load_tensors
+from evolq.files import load_weights
 
 ZOO_DIR = Path(__file__).parent
 DEFAULT_CHECKPOINT = ZOO_DIR / "fmnist_vit.safetensors"
@@ -40,9 +40,7 @@ def sha256(path: Path) -> str:
 
 def load_default(checkpoint: str | Path | None = None) -> VisionTransformer:
     """The trained default model in eval mode, loaded offline from the shipped safetensors file."""
-    model = default_architecture()
-    model.load_state_dict(load_tensors(checkpoint or DEFAULT_CHECKPOINT))
-    return model.eval()
+    return load_weights(default_architecture(), checkpoint or DEFAULT_CHECKPOINT, "default").eval()
 
 
 def model_card() -> dict:

@@ -163,3 +163,19 @@ def test_pass_inputs_are_every_blocks_prefix_and_respect_the_memory_limit(qmodel
     one_block = inputs[0][0][0].numel() * 4 * N_IMAGES
     assert pass_inputs(qmodel, images, batch_size=BATCH, limit_bytes=DEPTH * one_block - 1) is None
     assert pass_inputs(qmodel, images, batch_size=BATCH, limit_bytes=DEPTH * one_block) is not None
+
+
+def test_invalid_value_scores_degenerate_vectors_instead_of_raising(qmodel, images):
+    strict = BlockObjective(qmodel, 1, images, batch_size=BATCH)
+    zero = strict.x0.copy()
+    zero[5] = 0.0
+    with pytest.raises(UsageError, match="index 5"):
+        strict(zero)
+    lenient = BlockObjective(qmodel, 1, images, batch_size=BATCH, targets=strict.targets, invalid_value=np.inf)
+    before = qmodel.block(1).scales()
+    assert lenient(zero) == np.inf and lenient(-strict.x0) == np.inf
+    assert lenient.evaluations == 2
+    np.testing.assert_array_equal(qmodel.block(1).scales(), before)
+    with pytest.raises(UsageError, match="length"):  # a vector of the wrong length is still the caller's bug
+        lenient(strict.x0[:-1])
+    assert np.isfinite(lenient(strict.x0))

@@ -214,10 +214,6 @@ def test_bad_input_fails_before_calibration(checkpoint, fmnist, tmp_path, no_cal
         run_quantize(config, out=tmp_path / "out", progress=False)
 
 
-@pytest.mark.xfail(strict=True, raises=Calibrated, reason=(
-    "BUG: optimizer, loss, passes, evaluations per block, eval size and the output folder are checked only "
-    "after the model was calibrated and evaluated twice (minutes at the default sizes); RunConfig should be "
-    "validated (and --out made) at the start of pipeline.run_quantize"))
 @pytest.mark.parametrize("settings", [
     pytest.param(dict(optimizer="foo"), id="optimizer"),
     pytest.param(dict(loss="l2"), id="loss"),

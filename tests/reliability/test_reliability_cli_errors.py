@@ -66,17 +66,11 @@ def test_quantize_rejects_bad_search_settings(quantize, tmp_path, extra, needles
     quantize(tmp_path / "out", *extra, sizes=TINY).check_error(2, *needles)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: RunConfig.quant_config uses `self.wbits or base.wbits`, so --wbits 0 (and --abits 0) silently "
-    "mean 'the preset's bits' instead of failing like --wbits 1"))
 def test_zero_bits_are_rejected(quantize, tmp_path):
     quantize(tmp_path / "out", "--wbits", "0", "--optimizer", "none", sizes=TINY).check_error(
         2, "wbits 0", "2..8")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: --eval-size 0 or negative is accepted: pipeline.prepare takes Subset(range(min(eval_size, N))), "
-    "empty, and evaluate.top1 reports 0.0% top-1 for it"))
 def test_non_positive_eval_size_is_rejected(quantize, tmp_path):
     quantize(tmp_path / "out", "--eval-size", "0", "--optimizer", "none",
              sizes=TINY).check_error(2, "eval", "0")
@@ -146,9 +140,6 @@ def test_fashion_mnist_folder_without_the_files(quantize, tmp_path):
         2, str(empty), "train-images-idx3-ubyte.gz", "--data-dir")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a truncated Fashion-MNIST file fails as 'evolq: failed: EOFError: Compressed file ended ...' "
-    "without naming the file (data._read_idx does not catch gzip/reshape errors)"))
 def test_truncated_fashion_mnist_file_is_named(quantize, fmnist, tmp_path):
     folder = tmp_path / "fmnist"
     folder.mkdir()
@@ -187,9 +178,6 @@ def test_whole_module_pickle_checkpoint_is_refused(tmp_path):
     run_main("quantize", "--checkpoint", module, "--out", tmp_path / "out").check_error(1, str(module), "safetensors")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: for a pickled checkpoint the error line passes on torch's advice 'Re-running torch.load with "
-    "weights_only set to False' -- the unsafe load evolq refuses to do; files.load_tensors should not forward it"))
 def test_pickled_checkpoint_message_does_not_advise_unsafe_loading(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"payload": Payload(tmp_path / "marker")}, evil)
@@ -210,10 +198,6 @@ def test_missing_model_checkpoint(tmp_path):
     run_main("quantize", "--checkpoint", missing, "--out", tmp_path / "out").check_error(1, str(missing), "does not exist")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a readable checkpoint of another architecture fails as 'evolq: failed: RuntimeError: Error(s) in "
-    "loading state_dict for VisionTransformer:' without naming the file (zoo.load_default does not wrap "
-    "load_state_dict as models.create_model does for timm models)"))
 def test_checkpoint_of_another_architecture(tmp_path):
     other = tmp_path / "other.pt"
     torch.save({"fc.weight": torch.zeros(3, 3)}, other)
@@ -262,10 +246,6 @@ def test_landscape_block_index_out_of_range(checkpoint, fmnist, tmp_path, block)
              "--block", block, "--out", tmp_path / "out").check_error(2, f"block index {block}", "0..5")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `evolq landscape` has no --selection-size and always sets aside 1,000 training images for it, so a "
-    "training set of fewer than 1,000 + calib images fails with 'selection size 1000 exceeds ...', an option "
-    "the command does not have (the selection split is only used by --metric top1)"))
 def test_landscape_on_a_small_training_set(checkpoint, tmp_path):
     small = write_fmnist_subset(tmp_path / "fmnist", sizes={"train": 300, "t10k": 10})
     outcome = run_main("landscape", "--model", "default", "--checkpoint", checkpoint, "--data-dir", small,
@@ -287,9 +267,6 @@ def test_compare_rejects_bad_values(tmp_path, extra, needles):
     outcome.check_error(2, *needles)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cli._compare takes `args.budget or 200`, so --budget 0 on a synthetic problem runs 200 evaluations "
-    "instead of failing like --budget -3"))
 def test_compare_rejects_zero_budget(tmp_path):
     run_main("compare", "--problem", "sphere", "--optimizers", "random", "--seeds", "1", "--dim", "4",
              "--budget", "0", "--out", tmp_path / "out").check_error(2, "budget", "0")

@@ -77,19 +77,12 @@ def test_resumed_folders_hold_only_complete_files(interrupted_runs, resumed_runs
     assert meta["visits_done"] == VISITS
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a kill -9 during a write leaves its temporary file (evolq's '.NAME.*.tmp', or safetensors' own "
-    "'.tmpXXXXXX') in the run folder for good; nothing removes it on --resume or on the next run"))
 def test_resume_removes_temporary_files_a_kill_left_behind(resumed_runs):
     outcome, leftovers = resumed_runs["sigkill"]
     assert outcome.rc == 0
     assert leftovers == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the interruption message is glued to the end of the search progress bar's line "
-    "('search (evolq):   8%|...| 1/12 [...]evolq: interrupted; ...'): search.search does not close its tqdm "
-    "bar when an exception leaves the loop, so the bar is only finished after cli.main printed the message"))
 def test_interruption_message_starts_its_own_line(interrupted_runs):
     for name, message in (("sigint", "evolq: interrupted"), ("sigterm", "evolq: terminated")):
         assert interrupted_runs[name].outcome.own_line(message), interrupted_runs[name].outcome.stderr[-600:]

@@ -238,9 +238,6 @@ def test_presets_construct_or_raise_usage_error(name):
     assert config.name == f"w{config.wbits}a{config.abits}"
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "BUG: an unhashable act_observer (a list, a dict) raises TypeError ('unhashable type') from the "
-    "`not in OBSERVERS` dict lookup in QuantConfig.__post_init__ instead of UsageError"))
 @pytest.mark.parametrize("value", [["omse"], {"name": "omse"}])
 def test_quant_config_unhashable_observer_raises_usage_error(value):
     with pytest.raises(UsageError):
@@ -253,9 +250,6 @@ def test_quant_config_unhashable_softmax_raises_usage_error(value):
         QuantConfig(softmax=value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: QuantConfig does not check its switches: ptf='no' or bias_correction='off' construct and act as True "
-    "(any non-empty string is truthy); __post_init__ should require booleans"))
 @pytest.mark.parametrize("field", ["ptf", "bias_correction"])
 def test_quant_config_switches_must_be_booleans(field):
     with pytest.raises(UsageError):
