@@ -10,9 +10,12 @@ import argparse
 import os
 import signal
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from evolq.errors import RunError, UsageError
+
+if TYPE_CHECKING:  # imported lazily at run time: `evolq --help` stays fast
+    from evolq.pipeline import RunConfig
 
 EXIT_USAGE, EXIT_RUNTIME = 2, 1
 
@@ -56,7 +59,7 @@ def _quantize_parser(commands) -> None:
     parser.set_defaults(handler=_quantize)
 
 
-def _config(args: argparse.Namespace, **extra) -> "RunConfig":
+def _config(args: argparse.Namespace, **extra) -> RunConfig:
     """The run configuration named by the model, data and quantization options."""
     from evolq.pipeline import DEMO_PRESET, RunConfig
 
@@ -142,6 +145,7 @@ def _compare_parser(commands) -> None:
     parser.add_argument("--executor", default="local", help="local (default) or ray")
     parser.add_argument("--workers", type=int, default=1, help="cells run in parallel")
     parser.add_argument("--address", help="Ray cluster address to join (default: start a local one)")
+    parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only")
     parser.set_defaults(handler=_compare)
 
 
@@ -160,7 +164,8 @@ def _compare(args: argparse.Namespace) -> int:
     else:
         problems = {
             preset: QuantizedSearch(_config(args, preset=preset, passes=args.passes, threads=threads,
-                                            evaluations_per_block=args.evaluations_per_block))
+                                            evaluations_per_block=args.evaluations_per_block,
+                                            eval_size=args.eval_size))
             for preset in (p.strip() for p in args.presets.split(",") if p.strip())
         }
         budget = args.budget

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from evolq.allocator import reuse_freed_memory
 from evolq.data import load_data, stack
 from evolq.errors import UsageError
 from evolq.evaluate import top1
-from evolq.files import load_tensors, read_json, save_tensors, writable_folder, write_json, write_text
+from evolq.files import load_tensors, read_json, save_tensors, sha256, writable_folder, write_json, write_text
 from evolq.losses import get_loss
 from evolq.models import create_model
 from evolq.objective import fp_logits, model_loss
@@ -90,6 +90,14 @@ class RunConfig:
             raise UsageError(f"file {str(path)!r} has no 'config'; allowed: a result.json written by evolq")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in recorded.items() if k in known})
+
+    def with_absolute_paths(self) -> "RunConfig":
+        """The same run with its checkpoint and data paths absolute, so ``--config`` works from any folder."""
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).expanduser().resolve())
+
+        return replace(self, checkpoint=absolute(self.checkpoint), data_dir=absolute(self.data_dir),
+                       data=self.data if self.data == "fmnist" else absolute(self.data))
 
     def fingerprint(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in NOT_IN_FINGERPRINT}
@@ -161,6 +169,7 @@ def run_quantize(config: RunConfig, out: str | Path | None = None, resume: bool 
     """Run the pipeline; returns the ``result.json`` content (also written to ``out`` if given)."""
     started = time.time()
     config.check()
+    config = config.with_absolute_paths()
     if out is not None:
         writable_folder(Path(out))
     prepared = prepare(config, progress)
@@ -182,6 +191,8 @@ def run_quantize(config: RunConfig, out: str | Path | None = None, resume: bool 
     history = None
     result.update(config=asdict(config), quant_config=qmodel.config.to_dict(), versions=versions(),
                   device=str(prepared.device))
+    if config.checkpoint is not None:
+        result["checkpoint_sha256"] = sha256(config.checkpoint)
     if config.optimizer != "none":
         try:
             found = search(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from evolq.files import load_weights
@@ -32,10 +30,6 @@ DEFAULT_ARCH = dict(
 def default_architecture() -> VisionTransformer:
     """The default model's architecture with freshly initialised weights."""
     return VisionTransformer(**DEFAULT_ARCH)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_default(checkpoint: str | Path | None = None) -> VisionTransformer:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from evolq.data import load_fmnist
-from evolq.files import save_tensors, write_json
-from evolq.zoo import DEFAULT_ARCH, DEFAULT_CARD, DEFAULT_CHECKPOINT, default_architecture, sha256
+from evolq.files import save_tensors, sha256, write_json
+from evolq.zoo import DEFAULT_ARCH, DEFAULT_CARD, DEFAULT_CHECKPOINT, default_architecture
 
 
 @dataclass

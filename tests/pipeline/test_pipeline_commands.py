@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from evolq.cli import main
 
@@ -22,3 +23,26 @@ def test_landscape_writes_figure_table_and_roughness(tmp_path):
     assert summary["block"] == 5 and summary["radius"] == 1e-3 and summary["points"] == 5
     assert set(summary["quantized"]) == {"local_minima", "tv_over_range", "diff_autocorr", "quadratic_r2"}
     assert (out / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_on_the_default_model_writes_results_summary_and_figure(tmp_path):
+    out = tmp_path / "grid"
+    assert main(["compare", "--optimizers", "evolq,random", "--presets", "w4a8", "--seeds", "1", "--passes", "1",
+                 "--evaluations-per-block", "2", "--calib-size", "50", "--selection-size", "50",
+                 "--eval-size", "200", "--out", str(out)]) == 0
+    results = pd.read_csv(out / "results.csv")
+    finals = results[results["final"].astype(bool)].set_index("optimizer")
+    assert sorted(finals.index) == ["evolq", "random"] and set(finals["problem"]) == {"w4a8"}
+    assert (finals["evaluation"] == 1 * 6 * 2).all()  # passes x blocks x evaluations per block
+    assert len(results) == 2 * (12 + 1)  # one row per evaluation plus the final row, per cell
+    assert finals["gain"].to_numpy() == pytest.approx((finals["final_top1"] - finals["ptq_top1"]).to_numpy())
+    assert ((finals["fp_top1"] > 50) & (finals["ptq_top1"] > 50)).all()  # the trained model on 200 test images
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["optimizer"]) == ["evolq", "random"]
+    assert {"final_top1_mean", "gain_mean", "evaluations_mean", "wall_s_mean"} <= set(summary.columns)
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run finds every cell done and runs nothing
+    assert main(["compare", "--optimizers", "evolq,random", "--presets", "w4a8", "--seeds", "1", "--passes", "1",
+                 "--evaluations-per-block", "2", "--calib-size", "50", "--selection-size", "50",
+                 "--eval-size", "200", "--out", str(out)]) == 0
+    assert pd.read_csv(out / "results.csv").equals(results)

@@ -8,6 +8,7 @@ Both use one thread (``OMP_NUM_THREADS=1`` there, ``torch.set_num_threads(1)`` h
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -41,6 +42,7 @@ def test_result_records_versions_seed_and_full_config(reference_run, checkpoint)
     config = result["config"]
     assert set(config) == {f.name for f in fields(RunConfig)}
     assert config["seed"] == 0 and config["checkpoint"] == checkpoint
+    assert result["checkpoint_sha256"] == hashlib.sha256(open(checkpoint, "rb").read()).hexdigest()
     assert (config["passes"], config["evaluations_per_block"], config["calib_size"]) == (2, 2, 20)
     assert result["quant_config"]["wbits"] == 4 and result["quant_config"]["abits"] == 8
     assert result["evaluations"] == 2 * 6 * 2

@@ -12,7 +12,6 @@ import csv
 import json
 import math
 
-import pytest
 from reliability_support import VISITS, assert_same_run, file_problems, read_checkpoint
 
 from evolq.pipeline import RunConfig
