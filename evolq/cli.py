@@ -102,12 +102,14 @@ def _landscape_parser(commands) -> None:
 
 
 def _landscape(args: argparse.Namespace) -> int:
+    from evolq.files import writable_folder
     from evolq.landscape import run_landscape
     from evolq.pipeline import prepare
 
     # Only --metric top1 looks at the selection images: a loss slice leaves them in the training set.
     config = _config(args, optimizer="none", **({} if args.metric == "top1" else {"selection_size": 0}))
     out = args.out or f"runs/landscape-{config.quant_config().name}-block{args.block}"
+    writable_folder(out)
     summary = run_landscape(
         prepare(config), args.block, dims=args.dims, points=args.points, radius=args.radius, metric=args.metric,
         loss=args.loss, reference=args.reference, seed=args.seed, out=out,

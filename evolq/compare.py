@@ -112,10 +112,10 @@ def run_compare(problems: dict, optimizer_names: list[str], seeds: int, budget: 
                 executor: str = "local", workers: int = 1, address: str | None = None,
                 progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The grid, saved to ``out`` (resumable), with its summary and figure."""
-    from evolq.files import write_text
+    from evolq.files import writable_folder, write_text
     from landscapes import save_figure
 
-    out = Path(out)
+    out = writable_folder(out)  # before hours of cells, not after the first one
     if budget is None:
         budget = max(problem.budget() for problem in problems.values())
     table = optimizers.compare(problems, optimizer_names, seeds, budget, executor=executor, out=out / "results.csv",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,19 @@ def test_output_folder_under_a_regular_file(quantize, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     out = tmp_path / "file" / "run"
     quantize(out, "--optimizer", "none", sizes=TINY).check_error(1, "cannot write", str(out))
+
+
+@pytest.mark.parametrize("command", [
+    ["compare", "--optimizers", "evolq", "--presets", "w4a8", "--seeds", "1", "--passes", "1"],
+    ["landscape", "--block", "0"],
+])
+def test_landscape_and_compare_check_the_output_folder_before_any_work(checkpoint, fmnist, tmp_path, command):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "run"
+    started = time.perf_counter()
+    run_main(*command, "--checkpoint", checkpoint, "--data-dir", fmnist, "--calib-size", "20",
+             "--selection-size", "20", "--out", out).check_error(1, "cannot write", str(out))
+    assert time.perf_counter() - started < 60  # refused up front, not after a calibrated model's first cell
 
 
 def test_resume_of_a_folder_from_another_configuration(quantize, reference_run, tmp_path):
