@@ -86,6 +86,8 @@ def plot_comparison(table: pd.DataFrame) -> Figure:
     """Best-so-far loss against evaluations (mean and band over seeds) per problem; top-1 gain bars."""
     rows = table[~table["final"].astype(bool)]
     problems = list(dict.fromkeys(rows["problem"]))
+    names = list(dict.fromkeys(rows["optimizer"]))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per optimizer in every panel
     has_gain = "gain" in table.columns and table["gain"].notna().any()
     columns = len(problems) + int(has_gain)
     figure = Figure(figsize=(4.5 * columns, 3.8), layout="constrained")
@@ -94,14 +96,17 @@ def plot_comparison(table: pd.DataFrame) -> Figure:
         for optimizer, group in rows[rows["problem"] == problem].groupby("optimizer", sort=False):
             curves = group.pivot_table(index="evaluation", columns="seed", values="best").ffill()
             mean, spread = curves.mean(axis=1), curves.std(axis=1).fillna(0)
-            ax.plot(mean.index, mean, label=optimizer)
-            ax.fill_between(mean.index, mean - spread, mean + spread, alpha=0.2)
+            ax.plot(mean.index, mean, label=optimizer, color=colour[optimizer])
+            ax.fill_between(mean.index, mean - spread, mean + spread, alpha=0.2, color=colour[optimizer])
         ax.set(title=problem, xlabel="objective evaluations", ylabel="best loss so far")
         ax.legend(fontsize="small")
     if has_gain:
         finals = table[table["final"].astype(bool)]
-        gains = finals.pivot_table(index="optimizer", columns="problem", values="gain", aggfunc="mean")
-        errors = finals.pivot_table(index="optimizer", columns="problem", values="gain", aggfunc="std").fillna(0)
+        def by_optimizer(statistic: str) -> pd.DataFrame:
+            pivot = finals.pivot_table(index="optimizer", columns="problem", values="gain", aggfunc=statistic)
+            return pivot.reindex(index=names, columns=problems)
+
+        gains, errors = by_optimizer("mean"), by_optimizer("std").fillna(0)
         gains.plot.bar(ax=axes[-1], yerr=errors, rot=30)
         axes[-1].axhline(0, color="black", linewidth=0.8)
         axes[-1].set(title="top-1 gain over PTQ (mean, std over seeds)", ylabel="points", xlabel="")
