@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import re
 import subprocess
 import sys
@@ -19,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from evolq_testing import random_vit
 
-from evolq.errors import UsageError
 from evolq.allocator import reuse_freed_memory
+from evolq.errors import UsageError
 from evolq.objective import BlockObjective, fp_logits
 from evolq.qmodel import QuantizedModel, batches
-from evolq.zoo import DEFAULT_ARCH, default_architecture
+from evolq.zoo import DEFAULT_ARCH
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "objective.py"
@@ -43,28 +42,12 @@ def load_benchmark():
 bench = load_benchmark()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup():
     """The default architecture, random 1/sqrt(fan_in) weights (logits that differ per image), w4a8."""
-    torch.manual_seed(0)
-    model = default_architecture()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, 1.0 / math.sqrt(module.in_features))
-                module.bias.normal_(0.0, 0.02)
-        model.cls_token.normal_(0.0, 1.0)
-        model.pos_embed.normal_(0.0, 0.5)
+    model = random_vit(0)
     images = torch.randn(N_IMAGES, 1, 28, 28)
-    qmodel = QuantizedModel(model.eval(), "w4a8").calibrate(images[:20], batch_size=20, progress=False)
+    qmodel = QuantizedModel(model, "w4a8").calibrate(images[:20], batch_size=20, progress=False)
     return qmodel, images, fp_logits(qmodel, images, BATCH)
 
 

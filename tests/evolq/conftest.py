@@ -1,4 +1,4 @@
-"""Shared fixtures for the evolq quantization-core tests (CPU only, one thread, no network).
+"""Shared fixtures for the evolq quantization-core tests (CPU only, no network; one thread: tests/conftest.py).
 
 The session builds the default architecture with random weights and one calibrated w4a8
 QuantizedModel; tests that change scales get a deep copy (``qmodel``), so they never see each
@@ -16,8 +16,6 @@ from torch import nn
 
 from evolq.qmodel import QuantizedModel
 from evolq.zoo import DEFAULT_CHECKPOINT
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,11 @@
-"""A small calibrated default model shared by the pipeline tests (CPU, one thread)."""
+"""A small calibrated default model shared by the pipeline tests (CPU; one thread: tests/conftest.py)."""
 
 import pytest
-import torch
 
 import evolq
 from evolq.data import load_fmnist
 
 CALIB, SELECTION = 200, 200
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -54,15 +54,6 @@ def checkpoint(tmp_path_factory) -> str:
     return str(path.resolve())
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    """The machine is shared: in-process model work runs on one thread, as the subprocesses do."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")

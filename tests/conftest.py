@@ -1,0 +1,16 @@
+"""Suite-wide: in-process model work runs on one CPU thread.
+
+The machine is shared (2 cores), and several tests start subprocesses or parallel cells beside
+the test process; one thread each keeps them from oversubscribing the cores.
+"""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
