@@ -34,7 +34,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -44,8 +43,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from evolq.losses import get_loss
 from evolq.allocator import reuse_freed_memory
+from evolq.files import write_json
+from evolq.losses import get_loss
 from evolq.objective import BlockObjective, fp_logits
 from evolq.qmodel import QuantizedModel, batches
 from evolq.quant.attention import QAttention
@@ -155,29 +155,31 @@ def reference_loss(qmodel: QuantizedModel, block_index: int, x: np.ndarray, imag
 
 
 # -- levers that need a variant of the model -------------------------------------------------------
-def contiguous_attention_forward(self: QAttention, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
-    """``QAttention.forward`` with q, k, v made contiguous before they are quantized (a layout lever)."""
-    batch, tokens, _ = x.shape
-    qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
-    q, k, v = qkv.unbind(0)
-    q, k = self.q_norm(q), self.k_norm(k)
-    q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
-    attn = (q * self.scale) @ k.transpose(-2, -1)
-    attn = self.softmax_quant(attn.softmax(dim=-1))
-    x = (attn @ v).transpose(1, 2).reshape(batch, tokens, self.attn_dim)
-    return self.proj(self.norm(x))
+class ContiguousInput(torch.nn.Module):
+    """A quantizer that first makes its input contiguous (q, k, v arrive as strided views)."""
+
+    def __init__(self, quantizer: torch.nn.Module) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(x.contiguous())
 
 
 @contextmanager
 def patched_attention(qmodel: QuantizedModel) -> Iterator[None]:
-    modules = [m for m in qmodel.modules() if isinstance(m, QAttention) and m.gate is None]
+    """Every attention block quantizing contiguous q, k, v (a layout lever); the model as it was after."""
+    names = ("q_quant", "k_quant", "v_quant")
+    modules = [m for m in qmodel.modules() if isinstance(m, QAttention)]
     for module in modules:
-        module.forward = contiguous_attention_forward.__get__(module)
+        for name in names:
+            setattr(module, name, ContiguousInput(getattr(module, name)))
     try:
         yield
     finally:
         for module in modules:
-            del module.forward
+            for name in names:
+                setattr(module, name, getattr(module, name).quantizer)
 
 
 @contextmanager
@@ -573,18 +575,6 @@ def rescale_peak_fractions(result: dict, peak: float) -> None:
         row["peak_fraction"] = row["suffix_gflop"] * 1e9 / row["fast_s"] / peak
     s = result["summary"]
     s["peak_fraction"] = s["mean_suffix_gflop"] * 1e9 * s["fast_evals_per_s"] / peak
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def machine(device: torch.device) -> dict:

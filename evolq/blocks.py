@@ -68,11 +68,12 @@ class Block:
         """A block vector cut into one piece per layer."""
         return list(torch.split(x, self.sizes))
 
-    def set_scales(self, x: np.ndarray) -> None:
-        """Write a block vector back; the cached quantized weights of these layers are recomputed."""
-        vector = torch.from_numpy(check_vector(x, self.dim, f"block {self.index} scale vector"))
-        for layer, piece in zip(self.layers, self.split(vector)):
+    def set_scales(self, x: np.ndarray) -> np.ndarray:
+        """Write a block vector back (returned as checked, float64); the layers' quantized weights are recomputed."""
+        checked = check_vector(x, self.dim, f"block {self.index} scale vector")
+        for layer, piece in zip(self.layers, self.split(torch.from_numpy(checked))):
             layer.set_weight_scale(piece.float())
+        return checked
 
     def __repr__(self) -> str:
         return f"Block(index={self.index}, name={self.name!r}, dim={self.dim})"

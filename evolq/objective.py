@@ -132,14 +132,14 @@ class BlockObjective:
 
     def __call__(self, x: np.ndarray) -> float:
         try:
-            self.block.set_scales(x)
+            checked = self.block.set_scales(x)
         except UsageError:
             if self.invalid_value is None or np.shape(x) != (self.dim,):
                 raise
             self.evaluations += 1
             return self.invalid_value
         self.evaluations += 1
-        key = _key(x, self.dim)
+        key = checked.tobytes()
         if key not in self._known:
             with torch.inference_mode():
                 self._known[key] = float(self._mean_loss())
