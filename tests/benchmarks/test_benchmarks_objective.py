@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,18 @@ def test_matmul_flops_are_counted_from_the_shapes(setup):
     assert head == 2 * c * classes
 
 
+def test_matmul_peak_is_read_around_the_timed_call():
+    peak = bench.MatmulPeak(torch.device("cpu"), size=64, window=0.02)
+    calls = []
+    seconds, value, rate = peak.around(lambda: calls.append(len(calls)) or "value")
+    assert value == "value" and calls == [0] and seconds >= 0
+    started = time.perf_counter()
+    sustained = peak.sustained()
+    assert time.perf_counter() - started >= peak.window  # a window, not one product
+    assert 0 < rate < float("inf") and 0 < sustained < float("inf")
+    assert peak.burst(repeats=2) == peak.bursts[-1] > 0 and len(peak.bursts) == 1
+
+
 def test_quick_benchmark_runs_and_ends_with_the_summary_line(tmp_path):
     out = tmp_path / "objective.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)],
@@ -142,6 +155,12 @@ def test_quick_benchmark_runs_and_ends_with_the_summary_line(tmp_path):
         assert summary["max_abs_diff"] <= 1e-5
         assert summary["speedup"] > 0 and summary["allowed"] > 1 and 0 < summary["peak_fraction"]
         assert summary["cache_bytes"] > 0 and summary["peak_rss_bytes"] > 0
+        # the fraction is FLOPs done over what the peak read next to each evaluation would have done meanwhile
+        rows = case["blocks"]
+        done_over_possible = sum(r["suffix_gflop"] for r in rows) / sum(r["fast_s"] * r["peak_gflops"] for r in rows)
+        assert summary["peak_fraction"] == pytest.approx(done_over_possible, rel=1e-9)
+        assert summary["burst_peak_fraction"] == pytest.approx(
+            summary["mean_suffix_gflop"] * 1e9 * summary["fast_evals_per_s"] / result["matmul_peak_flops"], rel=1e-9)
         assert {lever["lever"] for lever in case["levers"]} >= {
             "prefix cache", "cached quantized weights", "no autograd", "contiguous cache", "batched candidates"}
     deit = result["cases"][1]["summary"]
