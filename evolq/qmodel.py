@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from contextlib import contextmanager
 from typing import Iterator
@@ -38,6 +39,8 @@ class QuantizedModel(nn.Module):
         self.config = QuantConfig.preset(config) if isinstance(config, str) else config
         self.model = convert_vit(copy.deepcopy(model).eval(), self.config)
         self.blocks: list[Block] = discover_blocks(self.model)
+        self.mlp_widths = [b.mlp.fc1.weight.shape[0] for b in self.model.blocks if hasattr(b.mlp, "fc1")]
+        self.head_counts = [b.module.attn.num_heads for b in self.blocks]
         self.calibrated = False
         self.requires_grad_(False)
 
@@ -61,6 +64,23 @@ class QuantizedModel(nn.Module):
         finally:
             self._set_mode("quant" if self.calibrated else "off")
 
+    @contextmanager
+    def dequantized(self) -> Iterator["QuantizedModel"]:
+        """Inside this block every matmul runs on dequantized values, as plain fake quantization does.
+
+        Outside it (the default) the quantized matmuls run on grid levels with the scales applied
+        to the products (``evolq.quant.layers``): faster, and the same values up to float rounding
+        (tested). This is the formulation of the released Evol-Q code, for references and checks.
+        """
+        quantizers = [q for q in self.quantizers() if isinstance(q, UniformQuantizer)]
+        for quantizer in quantizers:
+            quantizer.on_levels = False
+        try:
+            yield self
+        finally:
+            for quantizer in quantizers:
+                quantizer.on_levels = True
+
     # -- calibration -------------------------------------------------------------------------
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor, batch_size: int = 100, progress: bool = True) -> "QuantizedModel":
@@ -82,33 +102,55 @@ class QuantizedModel(nn.Module):
         return self
 
     # -- forward pieces ----------------------------------------------------------------------
+    # On the CPU the blocks run on a few images at a time (equal chunks), so that a block's widest
+    # activation (the MLP's hidden layer or the attention scores) holds at most about this many
+    # elements and stays in cache between the passes over it: DeiT-Tiny at 224 px runs 13 images
+    # at a time, about 1.15x the speed of whole batches of 100 (benchmarks/objective.py, lever
+    # "chunked blocks"); the default model gets whole batches. Every op works image by image, so a
+    # chunk gives the numbers of the whole batch up to the GEMM's rounding for another row count
+    # (bit for bit at these sizes here); prefix, block inputs, suffix and forward all cut the same
+    # chunks, so they agree with each other bit for bit (tests/evolq/test_evolq_levels.py).
+    CHUNK_ELEMENTS = 2_000_000
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.suffix(self._embed(x), 0)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         model = self.model
         return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
 
+    def _chunks(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``h`` split into the image chunks that the blocks run on (see ``CHUNK_ELEMENTS``)."""
+        if h.device.type != "cpu" or h.dim() != 3:
+            return (h,)
+        tokens = h.shape[1]
+        widest = max(max(self.mlp_widths, default=0), max(self.head_counts, default=0) * tokens, h.shape[2])
+        count = math.ceil(len(h) * tokens * widest / self.CHUNK_ELEMENTS)  # chunks of equal size
+        return h.split(math.ceil(len(h) / count)) if count > 1 else (h,)
+
+    def _blocks(self, h: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        chunks = []
+        for chunk in self._chunks(h):
+            for module in self.model.blocks[start:stop]:
+                chunk = module(chunk)
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
     def prefix(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """The residual stream entering block ``block`` (0 = right after the embedding)."""
-        h = self._embed(x)
-        for module in self.model.blocks[:block]:
-            h = module(h)
-        return h
+        return self._blocks(self._embed(x), 0, block)
 
     def block_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The residual stream entering every block, from one forward: entry ``k`` is ``prefix(x, k)``."""
         inputs = [self._embed(x)]
-        for module in self.model.blocks[:-1]:
-            inputs.append(module(inputs[-1]))
+        for index in range(len(self.model.blocks) - 1):
+            inputs.append(self._blocks(inputs[-1], index, index + 1))
         return inputs
 
     def suffix(self, h: torch.Tensor, block: int) -> torch.Tensor:
         """Logits from the residual stream entering block ``block``."""
         model = self.model
-        for module in model.blocks[block:]:
-            h = module(h)
-        return model.forward_head(model.norm(h))
+        return model.forward_head(model.norm(self._blocks(h, block)))
 
     def block(self, index: int) -> Block:
         """Block ``index``; negative indices count from the end."""

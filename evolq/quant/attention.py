@@ -1,4 +1,11 @@
-"""Attention with its matmul inputs (q, k, v) and softmax output fake-quantized, as in FQ-ViT."""
+"""Attention with its matmul inputs (q, k, v) and softmax output fake-quantized, as in FQ-ViT.
+
+Without autograd the quantized matmuls run on grid levels (see :mod:`evolq.quant.layers`): q,
+k and v are rounded in place on the ``qkv`` output in one go, their scales and the attention
+scale ride on the two batched GEMMs' alpha, and the softmax output is rounded in place. The
+values are those of the dequantized formulation up to float rounding; ``forward`` takes that
+path wherever it applies and the plain one otherwise (autograd, log2 softmax, q/k norms).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import torch
 from torch import nn
 
 from evolq.quant.layers import QLinear
+from evolq.quant.grid import Grid
+from evolq.quant.quantizer import UniformQuantizer
 
 
 class QAttention(nn.Module):
@@ -24,20 +33,70 @@ class QAttention(nn.Module):
         self.gate = getattr(attn, "gate", None)
         self.q_quant, self.k_quant, self.v_quant = q_quant, k_quant, v_quant
         self.softmax_quant = softmax_quant
+        self._qkv_grids: tuple | None = None  # (the q, k, v grids it was made from, the combined grid)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("quantized attention supports unmasked (ViT) attention only")
         batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x)
+        if self._on_levels(qkv):
+            x = self._attend_on_levels(qkv)
+        else:
+            x = self._attend(qkv)
+        x = self.norm(x.transpose(1, 2).reshape(batch, tokens, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj(x)
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, tokens, _ = qkv.shape
+        return qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs ``(batch, heads, tokens, head_dim)``, every quantizer dequantizing."""
+        q, k, v = self._heads(qkv)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         attn = self.softmax_quant(attn.softmax(dim=-1))
-        x = (attn @ v).transpose(1, 2).reshape(batch, tokens, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj(x)
+        return attn @ v
+
+    def _on_levels(self, qkv: torch.Tensor) -> bool:
+        quants = (self.q_quant, self.k_quant, self.v_quant)
+        return (all(isinstance(q, UniformQuantizer) and q.gives_levels(qkv) for q in quants)
+                and len({q.bit_type for q in quants}) == 1
+                and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
+
+    def _attend_on_levels(self, qkv: torch.Tensor) -> torch.Tensor:
+        """:meth:`_attend` on grid levels; the ``qkv`` output (a temporary) is rounded in place."""
+        self._qkv_grid(qkv.dtype).levels(qkv, inplace=True)  # q, k and v in one go, each with its own grid
+        q, k, v = (t.reshape(-1, *t.shape[2:]) for t in self._heads(qkv))
+        step_q, step_k, step_v = (quant.step(qkv.dtype) for quant in (self.q_quant, self.k_quant, self.v_quant))
+        attn = scaled_bmm(q, k.transpose(1, 2), step_q * step_k * self.scale).softmax(dim=-1)
+        if isinstance(self.softmax_quant, UniformQuantizer) and self.softmax_quant.gives_levels(attn):
+            attn, step_v = self.softmax_quant.levels(attn, inplace=True), step_v * self.softmax_quant.step(attn.dtype)
+        else:
+            attn = self.softmax_quant(attn)
+        out = scaled_bmm(attn, v, step_v)
+        return out.reshape(qkv.shape[0], self.num_heads, *out.shape[1:])
+
+    def _qkv_grid(self, dtype: torch.dtype) -> Grid:
+        """One grid over the ``qkv`` output's columns: q's, then k's, then v's (kept while theirs stay)."""
+        grids = tuple(quant.grid(dtype) for quant in (self.q_quant, self.k_quant, self.v_quant))
+        cached = self._qkv_grids
+        if cached is None or any(a is not b for a, b in zip(cached[0], grids)):
+            device, columns = self.q_quant.scale.device, self.num_heads * self.head_dim
+
+            def per_column(values: list[float]) -> torch.Tensor:
+                return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(columns)
+
+            combined = Grid(*(per_column([getattr(g, name) for g in grids]) for name in ("inverse", "low", "high", "scale")))
+            self._qkv_grids = cached = (grids, combined)
+        return cached[1]
+
+
+def scaled_bmm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * (a @ b)`` for batches of matrices, the factor applied inside the GEMM (no extra pass)."""
+    return torch.baddbmm(a.new_empty(1, 1, 1), a, b, beta=0, alpha=alpha)

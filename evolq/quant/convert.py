@@ -33,9 +33,14 @@ def _layer_norm(norm: nn.Module, config: QuantConfig) -> nn.Module:
     return QLayerNorm(norm, UniformQuantizer(bit_type, make_observer("ptf", bit_type), channel_axis=-1))
 
 
-def _linear(linear: nn.Linear, config: QuantConfig, quantize_output: bool = False) -> QLinear:
+def _linear(linear: nn.Linear, config: QuantConfig, quantize_output: bool = False, owns_input: bool = False) -> QLinear:
     output = _activation(config) if quantize_output else None
-    return QLinear(linear, _activation(config), _weight(config), output, config.bias_correction)
+    return QLinear(linear, _activation(config), _weight(config), output, config.bias_correction, owns_input=owns_input)
+
+
+def _makes_new_tensors(module: nn.Module) -> bool:
+    """Whether ``module``'s output is a temporary of its own (a norm or activation), not its input passed on."""
+    return not isinstance(module, nn.Identity)
 
 
 def _softmax(config: QuantConfig) -> nn.Module:
@@ -45,11 +50,11 @@ def _softmax(config: QuantConfig) -> nn.Module:
     return UniformQuantizer(bit_type, MinMaxObserver(bit_type))
 
 
-def _attention(attn: nn.Module, config: QuantConfig) -> QAttention:
+def _attention(attn: nn.Module, config: QuantConfig, owns_input: bool) -> QAttention:
     return QAttention(
         attn,
-        qkv=_linear(attn.qkv, config),
-        proj=_linear(attn.proj, config),
+        qkv=_linear(attn.qkv, config, owns_input=owns_input),
+        proj=_linear(attn.proj, config, owns_input=True),  # attention's own output
         q_quant=_activation(config),
         k_quant=_activation(config),
         v_quant=_activation(config),
@@ -69,10 +74,11 @@ def convert_vit(model: nn.Module, config: QuantConfig) -> nn.Module:
         if not hasattr(block, "attn") or not hasattr(block.attn, "qkv") or not hasattr(block, "mlp"):
             raise UsageError(f"block type {type(block).__name__} is not supported; allowed: timm ViT blocks with attn.qkv and mlp")
         block.norm1 = _layer_norm(block.norm1, config)
-        block.attn = _attention(block.attn, config)
+        block.attn = _attention(block.attn, config, owns_input=_makes_new_tensors(block.norm1))
         block.norm2 = _layer_norm(block.norm2, config)
-        block.mlp.fc1 = _linear(block.mlp.fc1, config)
-        block.mlp.fc2 = _linear(block.mlp.fc2, config)
+        # a linear layer fed by a norm or activation may round that temporary in place
+        block.mlp.fc1 = _linear(block.mlp.fc1, config, owns_input=_makes_new_tensors(block.norm2))
+        block.mlp.fc2 = _linear(block.mlp.fc2, config, owns_input=_makes_new_tensors(block.mlp.act))
     model.norm = _layer_norm(model.norm, config)
     model.fc_norm = _layer_norm(model.fc_norm, config)
     for name in ("head", "head_dist"):

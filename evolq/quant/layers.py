@@ -3,6 +3,12 @@
 Each layer keeps its full-precision parameters, so switching quantization off gives back the
 FP model exactly. The fake-quantized weight is cached and recomputed only when the weight
 scale changes (the search changes one block's scales at a time).
+
+Without autograd a linear layer does not dequantize its input: it multiplies the input's grid
+levels by its weight and applies the input scale to the product, inside the GEMM
+(``s * (levels @ W.T) + b``, the same value as ``(s * levels) @ W.T + b`` up to float rounding).
+That saves two passes over every input; a layer whose input is a temporary that nothing else
+reads (``owns_input``, set by :func:`evolq.quant.convert.convert_vit`) also rounds it in place.
 """
 
 from __future__ import annotations
@@ -81,10 +87,34 @@ class QuantWeightLayer(nn.Module):
 
 
 class QLinear(QuantWeightLayer):
-    """``nn.Linear`` with fake-quantized input and weight."""
+    """``nn.Linear`` with fake-quantized input and weight; ``owns_input`` lets it overwrite its input."""
+
+    def __init__(self, *args, owns_input: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.owns_input = owns_input
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, quant = self.effective_weight(), self.input_quant
+        if isinstance(quant, UniformQuantizer) and quant.gives_levels(x) and not weight.requires_grad:
+            out = linear_on_levels(quant.levels(x, inplace=self.owns_input), weight, self.bias,
+                                   quant.step(x.dtype))
+        else:
+            out = self.compute(quant(x), weight)
+        return self.output_quant(out)
+
+
+def linear_on_levels(levels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     step: float) -> torch.Tensor:
+    """``F.linear(step * levels, weight, bias)`` with ``step`` applied as the GEMM's alpha: one pass, not two."""
+    flat = levels.reshape(-1, levels.shape[-1])
+    if bias is None:
+        out = torch.mm(flat, weight.t()).mul_(step)
+    else:
+        out = torch.addmm(bias, flat, weight.t(), alpha=step)
+    return out.reshape(*levels.shape[:-1], weight.shape[0])
 
 
 class QConv2d(QuantWeightLayer):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from evolq.quant.bits import BitType
+from evolq.quant.grid import Grid
 from evolq.quant.observers import Observer, fake_quantize
 
 
@@ -22,8 +23,10 @@ class UniformQuantizer(nn.Module):
         self.observer = observer
         self.channel_axis = channel_axis
         self.mode = "off"
+        self.on_levels = True  # off: every consumer dequantizes (QuantizedModel.dequantized)
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
+        self._grid: tuple | None = None  # (scale, zero_point, their versions and the dtype, Grid)
 
     @property
     def calibrated(self) -> bool:
@@ -37,8 +40,36 @@ class UniformQuantizer(nn.Module):
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Fake-quantize ``x`` with the fixed parameters (or a given ``scale``), whatever the mode."""
+        if scale is None and self.channel_axis in (None, -1) and not (x.requires_grad and torch.is_grad_enabled()):
+            return self.grid(x.dtype).fake_quantize(x)
         scale = self.scale if scale is None else scale
         return fake_quantize(x, scale.to(x.dtype), self.zero_point, self.bit_type, self.channel_axis)
+
+    def grid(self, dtype: torch.dtype) -> Grid:
+        """The constants for data of ``dtype`` (per tensor or along the last axis), kept while the parameters stay.
+
+        New ones are made when ``scale`` or ``zero_point`` is replaced or changed in place.
+        """
+        scale, zero_point = self.scale, self.zero_point
+        versions = (_version(scale), _version(zero_point), dtype)
+        cached = self._grid
+        if cached is None or cached[0] is not scale or cached[1] is not zero_point or cached[2] != versions:
+            grid = Grid.of(scale, zero_point, self.bit_type, self.channel_axis, 1, dtype)
+            self._grid = cached = (scale, zero_point, versions, grid)
+        return cached[3]
+
+    def gives_levels(self, x: torch.Tensor) -> bool:
+        """True where :meth:`levels` may stand in for ``forward``: quantizing per tensor, no autograd on ``x``."""
+        return (self.on_levels and self.mode == "quant" and self.calibrated and self.channel_axis is None
+                and not (x.requires_grad and torch.is_grad_enabled()))
+
+    def levels(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``forward(x) / step`` as whole numbers (:meth:`Grid.levels`); ``inplace`` overwrites ``x``."""
+        return self.grid(x.dtype).levels(x, inplace)
+
+    def step(self, dtype: torch.dtype = torch.float32) -> float:
+        """The per-tensor scale as a number (in ``dtype``'s precision): the factor from :meth:`levels` to values."""
+        return self.grid(dtype).scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
@@ -51,6 +82,11 @@ class UniformQuantizer(nn.Module):
     def extra_repr(self) -> str:
         axis = "tensor" if self.channel_axis is None else f"channel(axis={self.channel_axis})"
         return f"{self.bit_type}, {type(self.observer).__name__}, per {axis}, mode={self.mode}"
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """How often ``tensor`` was changed in place (inference tensors keep no count: None)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 class Log2Quantizer(nn.Module):

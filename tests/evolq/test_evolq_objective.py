@@ -103,7 +103,8 @@ def test_value_and_grad(qmodel, images):
     f = BlockObjective(qmodel, 3, images, batch_size=BATCH)
     x = near(f.x0, 3)
     value, grad = f.value_and_grad(x)
-    assert value == pytest.approx(f(x), abs=1e-6)
+    # the gradient pass dequantizes (torch's kernels), f(x) runs on grid levels: equal up to float rounding
+    assert value == pytest.approx(f(x), rel=1e-6)
     assert grad.shape == (f.dim,) and grad.dtype == np.float64
     assert np.isfinite(grad).all()
     assert np.count_nonzero(grad) > f.dim // 2  # qkv and proj channels both get gradient
