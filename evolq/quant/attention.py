@@ -66,7 +66,6 @@ class QAttention(nn.Module):
     def _on_levels(self, qkv: torch.Tensor) -> bool:
         quants = (self.q_quant, self.k_quant, self.v_quant)
         return (all(isinstance(q, UniformQuantizer) and q.gives_levels(qkv) for q in quants)
-                and len({q.bit_type for q in quants}) == 1
                 and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
 
     def _attend_on_levels(self, qkv: torch.Tensor) -> torch.Tensor:
