@@ -1,0 +1,123 @@
+"""The compiled one-pass rounding kernel: torch's numbers bit for bit, and torch's ops wherever it cannot run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from evolq.quant import kernels
+from evolq.quant.bits import BitType
+from evolq.quant.grid import Grid
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler on this machine")
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, the sign of zero included; NaN where NaN."""
+    number = ~a.isnan()
+    return (a.shape == b.shape and a.dtype == b.dtype and torch.equal(number, ~b.isnan())
+            and torch.equal(a[number], b[number]) and torch.equal(a[number].signbit(), b[number].signbit()))
+
+
+def torch_levels(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    return x.mul(grid.inverse).round_().clamp_(grid.low, grid.high)
+
+
+def awkward(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Values on both sides of the clamps, exact halves (ties round to even), signed zeros, inf and NaN."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator) * 4
+    flat = x.view(-1)
+    flat[:8] = torch.tensor([0.25, 0.75, -0.25, -0.75, 0.0, -0.0, float("inf"), float("nan")])
+    return x
+
+
+def per_tensor() -> Grid:
+    return Grid(inverse=2.0, low=-8.0, high=7.0, scale=0.5)
+
+
+def per_column(columns: int) -> Grid:
+    scale = torch.linspace(0.25, 2.0, columns)
+    return Grid(inverse=torch.reciprocal(scale), low=-torch.arange(columns, dtype=torch.float32) - 1,
+                high=torch.full((columns,), 15.0), scale=scale)
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(37,), (3, 5, 40), (129, 300), (64, 1024)])  # the last two run threaded
+@pytest.mark.parametrize("columns", [False, True])
+def test_kernel_gives_torchs_numbers_bit_for_bit(shape, columns):
+    x = awkward(shape)
+    grid = per_column(shape[-1]) if columns else per_tensor()
+    assert kernels.accepts(x)
+    expected = torch_levels(x, grid)
+    levels = grid.levels(x)
+    assert same(levels, expected) and levels.isnan().sum() == 1
+    assert same(grid.fake_quantize(x), expected * grid.scale)
+    inplace = x.clone()
+    assert grid.levels(inplace, inplace=True) is inplace and same(inplace, expected)
+
+
+@needs_compiler
+def test_kernel_hand_values():
+    x = torch.tensor([0.25, 0.75, -0.25, -0.75, 3.9, -5.0, float("inf"), float("-inf")])
+    assert kernels.accepts(x)
+    # halves go to the even level, as torch.round does; the bounds clamp, infinities included
+    assert per_tensor().levels(x).tolist() == [0.0, 2.0, -0.0, -2.0, 7.0, -8.0, 7.0, -8.0]
+    assert per_tensor().fake_quantize(x).tolist() == [0.0, 1.0, -0.0, -1.0, 3.5, -4.0, 3.5, -4.0]
+    assert per_tensor().levels(torch.tensor(0.75)).item() == 2.0  # a 0-dim tensor
+    assert per_tensor().levels(torch.empty(0, 8)).shape == (0, 8)
+
+
+@needs_compiler
+def test_kernel_runs_only_where_it_applies():
+    grid = per_column(8)
+    x = awkward((6, 8))
+    assert kernels.accepts(x)
+    with kernels.disabled():
+        assert not kernels.accepts(x)
+        expected = grid.levels(x)
+    assert kernels.accepts(x) and same(grid.levels(x), expected)
+    strided = x.t().contiguous().t()
+    for other in (strided, x.double(), x.bfloat16()):  # torch's ops take these, same values
+        assert not kernels.accepts(other)
+        assert same(grid.levels(other), torch_levels(other, grid))
+
+
+def test_a_grid_along_another_axis_leaves_the_kernel_out():
+    grid = Grid.of(torch.tensor([0.5, 1.0, 2.0]), torch.zeros(3, dtype=torch.int32), BitType(4, signed=True),
+                   channel_axis=0, ndim=2, dtype=torch.float32)
+    x = awkward((3, 5))
+    assert grid.packed.numel() == 0
+    assert same(grid.levels(x), torch_levels(x, grid))
+
+
+def test_without_a_compiler_it_warns_once_and_torch_rounds(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels, "cache_dir", lambda: tmp_path / "cache")
+    kernels._library.cache_clear()
+    try:
+        x = awkward((4, 16))
+        with pytest.warns(RuntimeWarning, match="no-such-compiler.*torch's ops"):
+            assert not kernels.accepts(x)
+        assert same(per_tensor().levels(x), torch_levels(x, per_tensor()))
+        assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob("*.tmp*"))
+    finally:
+        kernels._library.cache_clear()
+
+
+@needs_compiler
+def test_a_build_is_cached_and_the_environment_switch_turns_it_off(tmp_path):
+    script = ("import torch; from evolq.quant import kernels; "
+              "print(kernels.accepts(torch.zeros(3)), len(list(kernels.cache_dir().glob('kernels-*.so'))))")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    run = lambda **extra: subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True,
+                                         text=True, check=True).stdout.split()
+    assert run() == ["True", "1"]
+    assert run() == ["True", "1"]  # built once, then loaded
+    assert run(EVOLQ_KERNELS="off") == ["False", "1"]
