@@ -11,11 +11,11 @@ Cases, both w4a8:
 
 For every block ``k`` the benchmark scores the same scale vectors two ways and checks that the
 numbers agree within ``LEVELS_TOLERANCE``: ``BlockObjective`` (cached prefix, cached quantized
-weights, inference mode, matmuls on grid levels, blocks run a few images at a time) and a plain
-reference written here, as the released Evol-Q code evaluates: a full forward pass of the
-quantized model from the images under ``torch.no_grad()``, whole batches of 100, every quantizer
-dequantizing (``QuantizedModel.dequantized``), every weight fake-quantized again at every
-forward. Averaged over all blocks it reports evaluations per second, the speedup and the
+weights, inference mode, matmuls on grid levels, blocks run a few images at a time, compiled
+one-pass kernels) and a plain reference written here, as the released Evol-Q code evaluates: a
+full forward pass of the quantized model from the images under ``torch.no_grad()``, whole
+batches of 100, every quantizer dequantizing (``QuantizedModel.dequantized``) with torch's ops,
+every weight fake-quantized again at every forward. Averaged over all blocks it reports evaluations per second, the speedup and the
 speedup the FLOPs allow (full-forward FLOPs / average suffix FLOPs), the useful FLOPs per second
 (matmul FLOPs of blocks k..L and the head, counted from the shapes) as a fraction of the fp32
 matmul peak, peak resident memory and cache memory. It then measures each speed lever
@@ -53,6 +53,7 @@ from evolq.files import write_json
 from evolq.losses import get_loss
 from evolq.objective import BlockObjective, fp_logits
 from evolq.qmodel import QuantizedModel, batches
+from evolq.quant import kernels
 
 RESULTS = Path(__file__).resolve().parent / "results" / "objective.json"
 BATCH = 100  # Evol-Q's calibration batch
@@ -198,16 +199,17 @@ def reference_loss(qmodel: QuantizedModel, block_index: int, x: np.ndarray, imag
 
 
 @contextmanager
-def plain_arithmetic(qmodel: QuantizedModel, levels: bool = False, chunks: bool = False) -> Iterator[None]:
-    """The quantized model computing as plain fake quantization does: dequantized values, whole batches.
+def plain_arithmetic(qmodel: QuantizedModel, levels: bool = False, chunks: bool = False,
+                     compiled: bool = False) -> Iterator[None]:
+    """The quantized model computing as plain fake quantization does: dequantized values, whole batches, torch's ops.
 
-    ``levels`` / ``chunks`` keep one of the two levers of ``QuantizedModel`` on.
+    ``levels`` / ``chunks`` / ``compiled`` keep one of the three levers of ``QuantizedModel`` on.
     """
     chunk_elements = qmodel.CHUNK_ELEMENTS
     if not chunks:
         qmodel.CHUNK_ELEMENTS = 2**62
     try:
-        with nullcontext() if levels else qmodel.dequantized():
+        with nullcontext() if levels else qmodel.dequantized(), nullcontext() if compiled else kernels.disabled():
             yield
     finally:
         qmodel.CHUNK_ELEMENTS = chunk_elements
@@ -373,11 +375,17 @@ def lever_table(qmodel: QuantizedModel, f: BlockObjective, device: torch.device,
             return fresh(f)(x)
 
     row("grid levels", "dequantized values", "levels, scales on the GEMMs", {
-        "dequantized values": lambda: plain(chunks=True), "levels, scales on the GEMMs": lambda: fresh(f)(x)},
+        "dequantized values": lambda: plain(chunks=True, compiled=True),
+        "levels, scales on the GEMMs": lambda: fresh(f)(x)},
         note="same loss up to float rounding (max_rel_diff)")
     row("chunked blocks", "whole batches of 100", "chunks of images", {
-        "whole batches of 100": lambda: plain(levels=True), "chunks of images": lambda: fresh(f)(x)},
+        "whole batches of 100": lambda: plain(levels=True, compiled=True), "chunks of images": lambda: fresh(f)(x)},
         note=f"QuantizedModel.CHUNK_ELEMENTS = {qmodel.CHUNK_ELEMENTS:,}")
+    if device.type == "cpu":
+        row("compiled kernels", "torch's ops", "evolq.quant.kernels", {
+            "torch's ops": lambda: plain(levels=True, chunks=True), "evolq.quant.kernels": lambda: fresh(f)(x)},
+            note="one-pass rounding, and attention's bias + rounding + head layout in one pass"
+                 + ("" if kernels.accepts(torch.zeros(1)) else " (NOT BUILT here: both sides ran torch's ops)"))
     strided = [h.transpose(0, 1).contiguous().transpose(0, 1) for h in f._inputs]
     row("contiguous cache", "block inputs token-major (strided)", "block inputs contiguous", {
         "block inputs token-major (strided)": lambda: suffix_loss(f, x, inputs=strided),

@@ -1,8 +1,9 @@
 """Attention with its matmul inputs (q, k, v) and softmax output fake-quantized, as in FQ-ViT.
 
-Without autograd the quantized matmuls run on grid levels (see :mod:`evolq.quant.layers`): q,
-k and v are rounded in place on the ``qkv`` output in one go, their scales and the attention
-scale ride on the two batched GEMMs' alpha, and the softmax output is rounded in place. The
+Without autograd the quantized matmuls run on grid levels (see :mod:`evolq.quant.layers`): the
+qkv product gets its bias, q, k and v their rounding and the heads their layout in one pass
+(:mod:`evolq.quant.kernels`), their scales and the attention scale ride on the two batched
+GEMMs' alpha, and the softmax output is rounded in place. The
 values are those of the dequantized formulation up to float rounding; ``forward`` takes that
 path wherever it applies and the plain one otherwise (autograd, log2 softmax, q/k norms).
 """
@@ -12,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from evolq.quant.layers import QLinear
+from evolq.quant import kernels
 from evolq.quant.grid import Grid
+from evolq.quant.layers import QLinear
 from evolq.quant.quantizer import UniformQuantizer
 
 
@@ -40,11 +42,10 @@ class QAttention(nn.Module):
             raise NotImplementedError("quantized attention supports unmasked (ViT) attention only")
         batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x)
-        if self._on_levels(qkv):
-            x = self._attend_on_levels(qkv)
+        if self._on_levels(x):
+            x = self._attend_on_levels(self.qkv.product(x)).reshape(batch, self.num_heads, tokens, self.head_dim)
         else:
-            x = self._attend(qkv)
+            x = self._attend(self.qkv(x))
         x = self.norm(x.transpose(1, 2).reshape(batch, tokens, self.attn_dim))
         if gate is not None:
             x = x * gate
@@ -63,23 +64,33 @@ class QAttention(nn.Module):
         attn = self.softmax_quant(attn.softmax(dim=-1))
         return attn @ v
 
-    def _on_levels(self, qkv: torch.Tensor) -> bool:
+    def _on_levels(self, x: torch.Tensor) -> bool:
+        """True where q, k, v and the qkv output carry no gradients and every q/k/v quantizer gives levels."""
         quants = (self.q_quant, self.k_quant, self.v_quant)
-        return (all(isinstance(q, UniformQuantizer) and q.gives_levels(qkv) for q in quants)
+        return (not self.qkv.tracked() and all(isinstance(q, UniformQuantizer) and q.gives_levels(x) for q in quants)
+                and isinstance(self.qkv.output_quant, nn.Identity)
                 and isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
 
-    def _attend_on_levels(self, qkv: torch.Tensor) -> torch.Tensor:
-        """:meth:`_attend` on grid levels; the ``qkv`` output (a temporary) is rounded in place."""
-        self._qkv_grid(qkv.dtype).levels(qkv, inplace=True)  # q, k and v in one go, each with its own grid
-        q, k, v = (t.reshape(-1, *t.shape[2:]) for t in self._heads(qkv))
-        step_q, step_k, step_v = (quant.step(qkv.dtype) for quant in (self.q_quant, self.k_quant, self.v_quant))
+    def _attend_on_levels(self, product: torch.Tensor) -> torch.Tensor:
+        """:meth:`_attend` on grid levels, from the qkv product before its bias (a temporary, overwritten);
+        the heads' outputs as ``(batch * heads, tokens, head_dim)``."""
+        q, k, v = self._heads_on_levels(product)
+        step_q, step_k, step_v = (quant.step(product.dtype) for quant in (self.q_quant, self.k_quant, self.v_quant))
         attn = scaled_bmm(q, k.transpose(1, 2), step_q * step_k * self.scale).softmax(dim=-1)
         if isinstance(self.softmax_quant, UniformQuantizer) and self.softmax_quant.gives_levels(attn):
             attn, step_v = self.softmax_quant.levels(attn, inplace=True), step_v * self.softmax_quant.step(attn.dtype)
         else:
             attn = self.softmax_quant(attn)
-        out = scaled_bmm(attn, v, step_v)
-        return out.reshape(qkv.shape[0], self.num_heads, *out.shape[1:])
+        return scaled_bmm(attn, v, step_v)
+
+    def _heads_on_levels(self, product: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k and v levels, each ``(batch * heads, tokens, head_dim)``: bias, rounding and layout in one pass
+        where the compiled kernel takes them (:func:`evolq.quant.kernels.split_heads`), else in torch's."""
+        grid, bias = self._qkv_grid(product.dtype), self.qkv.bias
+        if kernels.accepts(product) and (bias is None or kernels.accepts(bias)):
+            return kernels.split_heads(product, bias, grid.packed, self.num_heads).unbind(0)
+        qkv = grid.levels(product if bias is None else product.add_(bias), inplace=True)
+        return tuple(t.reshape(-1, *t.shape[2:]) for t in self._heads(qkv))
 
     def _qkv_grid(self, dtype: torch.dtype) -> Grid:
         """One grid over the ``qkv`` output's columns: q's, then k's, then v's (kept while theirs stay)."""

@@ -1,10 +1,11 @@
-/* Rounding onto a quantization grid in one pass over the data (see kernels.py).
+/* Passes over activations that take torch several (see kernels.py).
  *
- * out = clamp(rint(x * inverse), low, high), then times scale where a scale is given (fake
- * quantization); the parameters are one value for the whole tensor or one per column (the last
- * axis). The operations and their order are torch's own mul, round, clamp and mul, so the result
- * is the same bit for bit; rint rounds halves to even, as torch.round does. NaN stays NaN, as
- * with torch.clamp. The threads are those of torch's OpenMP runtime (the same libgomp.so.1).
+ * Rounding onto a grid: out = clamp(rint(x * inverse), low, high), then times scale where a scale
+ * is given (fake quantization); the parameters are one value for the whole tensor or one per
+ * column (the last axis). The operations and their order are torch's own (mul, round, clamp,
+ * mul; an add first where a bias comes in), so the result is the same bit for bit; rint rounds
+ * halves to even, as torch.round does; NaN stays NaN, as with torch.clamp. The threads are those
+ * of torch's OpenMP runtime (the same libgomp.so.1).
  */
 #include <math.h>
 #include <stdint.h>
@@ -29,12 +30,16 @@ CLONES static void run_flat(const float *x, float *out, int64_t begin, int64_t e
     }
 }
 
-CLONES static void run_row(const float *x, float *out, int64_t cols, const float *inverse, const float *low,
-                           const float *high, const float *scale) {
-    if (scale) {
-        for (int64_t j = 0; j < cols; ++j) out[j] = clamp(rintf(x[j] * inverse[j]), low[j], high[j]) * scale[j];
-    } else {
-        for (int64_t j = 0; j < cols; ++j) out[j] = clamp(rintf(x[j] * inverse[j]), low[j], high[j]);
+CLONES static void run_rows(const float *x, float *out, int64_t begin, int64_t end, int64_t cols,
+                            const float *inverse, const float *low, const float *high, const float *scale) {
+    for (int64_t r = begin; r < end; ++r) {
+        const float *in = x + r * cols;
+        float *to = out + r * cols;
+        if (scale) {
+            for (int64_t j = 0; j < cols; ++j) to[j] = clamp(rintf(in[j] * inverse[j]), low[j], high[j]) * scale[j];
+        } else {
+            for (int64_t j = 0; j < cols; ++j) to[j] = clamp(rintf(in[j] * inverse[j]), low[j], high[j]);
+        }
     }
 }
 
@@ -52,7 +57,47 @@ void evolq_quantize(const float *x, float *out, int64_t rows, int64_t cols, cons
             run_flat(x, out, n * part / threads, n * (part + 1) / threads, *inverse, *low, *high, scale);
     } else {
         #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t r = 0; r < rows; ++r)
-            run_row(x + r * cols, out + r * cols, cols, inverse, low, high, scale);
+        for (int part = 0; part < threads; ++part)
+            run_rows(x, out, rows * part / threads, rows * (part + 1) / threads, cols, inverse, low, high, scale);
     }
+}
+
+/* Attention's q, k and v, each on its own grid, from the qkv product without its bias: bias,
+ * rounding and the layout of the batched GEMMs in one pass (torch: an add, the rounding, and a
+ * copy for each of q, k and v). product: (batch, tokens, 3, heads, head_dim), contiguous; bias:
+ * 3 * heads * head_dim values or none; params: inverse, low, high (then an unused scale), one per
+ * product column each. out: (3, batch, heads, tokens, head_dim), with
+ * out[s, b, h, t, :] = clamp(rint((product[b, t, s, h, :] + bias) * inverse), low, high). */
+static inline void split_row(const float *x, const float *bias, float *out, int64_t length, const float *inverse,
+                             const float *low, const float *high) {
+    if (bias) {
+        for (int64_t j = 0; j < length; ++j) out[j] = clamp(rintf((x[j] + bias[j]) * inverse[j]), low[j], high[j]);
+    } else {
+        for (int64_t j = 0; j < length; ++j) out[j] = clamp(rintf(x[j] * inverse[j]), low[j], high[j]);
+    }
+}
+
+CLONES static void split_rows(const float *product, const float *bias, float *out, int64_t batch, int64_t tokens,
+                              int64_t heads, int64_t head_dim, const float *params, int64_t begin, int64_t end) {
+    const int64_t width = 3 * heads * head_dim;
+    const float *inverse = params, *low = params + width, *high = params + 2 * width;
+    for (int64_t r = begin; r < end; ++r) { /* r = b * tokens + t */
+        const int64_t b = r / tokens, t = r % tokens;
+        for (int64_t g = 0; g < 3 * heads; ++g) { /* g = s * heads + h, col: where its columns start */
+            const int64_t s = g / heads, h = g % heads, col = g * head_dim;
+            split_row(product + r * width + col, bias ? bias + col : 0,
+                      out + (((s * batch + b) * heads + h) * tokens + t) * head_dim, head_dim, inverse + col,
+                      low + col, high + col);
+        }
+    }
+}
+
+void evolq_split_heads(const float *product, const float *bias, float *out, int64_t batch, int64_t tokens,
+                       int64_t heads, int64_t head_dim, const float *params, int threads) {
+    const int64_t rows = batch * tokens;
+    if (rows * 3 * heads * head_dim < MIN_PARALLEL) threads = 1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int part = 0; part < threads; ++part)
+        split_rows(product, bias, out, batch, tokens, heads, head_dim, params, rows * part / threads,
+                   rows * (part + 1) / threads);
 }

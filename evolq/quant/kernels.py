@@ -1,12 +1,15 @@
-"""One compiled kernel, rounding onto a grid in one pass, with torch's ops as the fallback.
+"""Compiled passes over activations, each doing what takes torch several, with torch's ops as the fallback.
 
-torch rounds onto a grid in three passes (``mul_``, ``round_``, ``clamp_``, a fourth for the
-scale); ``kernels.c`` does the same operations in one, with the same result bit for bit (tested),
-2.6x the speed on the activations of DeiT-Tiny (benchmarks/objective.py, lever "one-pass
-rounding"). It is plain C with OpenMP, compiled on first use (well under a second) into
-``$XDG_CACHE_HOME/evolq`` (default ``~/.cache/evolq``) and loaded with ctypes; no torch
-headers, no ninja. Where no C compiler works, or ``EVOLQ_KERNELS=off``, :func:`quantize`
-returns None and the caller uses torch's ops: slower, same numbers. ``CC`` names the compiler.
+- :func:`quantize`: rounding onto a grid (torch: ``mul_``, ``round_``, ``clamp_``, and ``mul_`` for
+  the scale) in one pass, the same result bit for bit (tested);
+- :func:`split_heads`: attention's qkv product gets its bias, q, k and v their rounding and the
+  heads the layout of the batched GEMMs (torch: an add, the rounding, three copies), bit for bit.
+
+``kernels.c`` is plain C with OpenMP (the threads of torch's own runtime), compiled on first use
+(well under a second) into ``$XDG_CACHE_HOME/evolq`` (default ``~/.cache/evolq``) and loaded with
+ctypes: no torch headers, no ninja. Where no C compiler works, or ``EVOLQ_KERNELS=off``,
+:func:`accepts` is False and callers use torch's ops: same numbers, slower (benchmarks/objective.py,
+lever "compiled kernels"). ``CC`` names the compiler.
 """
 
 from __future__ import annotations
@@ -46,13 +49,15 @@ def _library() -> ctypes.CDLL | None:
             _compile(target)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(f"evolq: the one-pass rounding kernel is unavailable ({error}); using torch's ops "
+        warnings.warn(f"evolq: the compiled kernels are unavailable ({error}); using torch's ops "
                       "(same numbers, slower). Set CC to a C compiler with OpenMP, or EVOLQ_KERNELS=off.",
                       RuntimeWarning, stacklevel=3)
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.evolq_quantize.argtypes = [pointer, pointer, size, size, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     library.evolq_quantize.restype = None
+    library.evolq_split_heads.argtypes = [pointer, pointer, pointer, size, size, size, size, pointer, ctypes.c_int]
+    library.evolq_split_heads.restype = None
     return library
 
 
@@ -105,4 +110,19 @@ def quantize(x: torch.Tensor, params: torch.Tensor, out: torch.Tensor | None = N
     out = torch.empty_like(x) if out is None else out
     _library().evolq_quantize(x.data_ptr(), out.data_ptr(), x.numel() // columns, columns, params.data_ptr(),
                               int(per_column), int(dequantize), torch.get_num_threads())
+    return out
+
+
+
+def split_heads(product: torch.Tensor, bias: torch.Tensor | None, params: torch.Tensor, heads: int) -> torch.Tensor:
+    """q, k, v levels ``(3, batch * heads, tokens, head_dim)`` from the qkv product ``(batch, tokens, 3 * width)``.
+
+    One pass: the bias is added, each column rounded on its own grid (``params``: ``(4, 3 * width)``)
+    and the heads laid out for the batched GEMMs. Only where :func:`accepts` the product.
+    """
+    batch, tokens, columns = product.shape
+    head_dim = columns // (3 * heads)
+    out = product.new_empty(3, batch * heads, tokens, head_dim)
+    _library().evolq_split_heads(product.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                 batch, tokens, heads, head_dim, params.data_ptr(), torch.get_num_threads())
     return out

@@ -74,6 +74,11 @@ class QuantWeightLayer(nn.Module):
     def _finish(self, quantized: torch.Tensor) -> torch.Tensor:
         return correct_weight_bias(quantized, self.weight.detach()) if self.bias_correction else quantized
 
+    def tracked(self) -> bool:
+        """True where this layer's output would carry gradients through its weight or bias (grad mode on)."""
+        bias_tracked = self.bias is not None and self.bias.requires_grad
+        return torch.is_grad_enabled() and (self.effective_weight().requires_grad or bias_tracked)
+
     def effective_weight(self) -> torch.Tensor:
         if not self.quantizing:
             return self.weight
@@ -93,27 +98,26 @@ class QLinear(QuantWeightLayer):
         super().__init__(*args, **kwargs)
         self.owns_input = owns_input
 
-    def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quant(self._linear(x, self.bias))
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` before its bias and any output quantizer: for a consumer that adds the bias in its own pass."""
+        return self._linear(x, None)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         weight, quant = self.effective_weight(), self.input_quant
         if isinstance(quant, UniformQuantizer) and quant.gives_levels(x) and not weight.requires_grad:
-            out = linear_on_levels(quant.levels(x, inplace=self.owns_input), weight, self.bias,
-                                   quant.step(x.dtype))
-        else:
-            out = self.compute(quant(x), weight)
-        return self.output_quant(out)
+            return linear_on_levels(quant.levels(x, inplace=self.owns_input), weight, bias, quant.step(x.dtype))
+        return F.linear(quant(x), weight, bias)
 
 
 def linear_on_levels(levels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      step: float) -> torch.Tensor:
     """``F.linear(step * levels, weight, bias)`` with ``step`` applied as the GEMM's alpha: one pass, not two."""
     flat = levels.reshape(-1, levels.shape[-1])
-    if bias is None:
-        out = torch.mm(flat, weight.t()).mul_(step)
-    else:
-        out = torch.addmm(bias, flat, weight.t(), alpha=step)
+    out = torch.addmm(flat.new_empty(1, 1) if bias is None else bias, flat, weight.t(), beta=0 if bias is None else 1,
+                      alpha=step)
     return out.reshape(*levels.shape[:-1], weight.shape[0])
 
 

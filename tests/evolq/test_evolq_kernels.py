@@ -89,6 +89,22 @@ def test_kernel_runs_only_where_it_applies():
         assert same(grid.levels(other), torch_levels(other, grid))
 
 
+@needs_compiler
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("batch, tokens", [(3, 7), (4, 197)])  # the second runs threaded
+def test_split_heads_is_torchs_add_round_and_permute(with_bias, batch, tokens):
+    heads, head_dim = 3, 16
+    width = 3 * heads * head_dim
+    product = awkward((batch, tokens, width))
+    bias = torch.randn(width, generator=torch.Generator().manual_seed(1)) if with_bias else None
+    grid = per_column(width)
+    expected = torch_levels(product + bias if with_bias else product, grid)
+    expected = expected.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    out = kernels.split_heads(product, bias, grid.packed, heads)
+    assert out.shape == (3, batch * heads, tokens, head_dim) and out.is_contiguous()
+    assert same(out, expected.reshape(out.shape))
+
+
 def test_a_grid_along_another_axis_leaves_the_kernel_out():
     grid = Grid.of(torch.tensor([0.5, 1.0, 2.0]), torch.zeros(3, dtype=torch.int32), BitType(4, signed=True),
                    channel_axis=0, ndim=2, dtype=torch.float32)
