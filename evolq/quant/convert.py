@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from torch import nn
+from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 
 from evolq.errors import UsageError
 from evolq.quant.attention import QAttention
 from evolq.quant.bits import BitType
 from evolq.quant.config import QuantConfig
-from evolq.quant.layers import QConv2d, QLayerNorm, QLinear
+from evolq.quant.layers import QConv2d, QLayerNorm, QLinear, QMlp
 from evolq.quant.observers import MinMaxObserver, make_observer
 from evolq.quant.quantizer import Log2Quantizer, UniformQuantizer
 
@@ -79,6 +80,8 @@ def convert_vit(model: nn.Module, config: QuantConfig) -> nn.Module:
         # a linear layer fed by a norm or activation may round that temporary in place
         block.mlp.fc1 = _linear(block.mlp.fc1, config, owns_input=_makes_new_tensors(block.norm2))
         block.mlp.fc2 = _linear(block.mlp.fc2, config, owns_input=_makes_new_tensors(block.mlp.act))
+        if type(block.mlp) is Mlp:
+            block.mlp = QMlp(block.mlp)
     model.norm = _layer_norm(model.norm, config)
     model.fc_norm = _layer_norm(model.fc_norm, config)
     for name in ("head", "head_dist"):

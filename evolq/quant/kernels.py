@@ -1,15 +1,24 @@
 """Compiled passes over activations, each doing what takes torch several, with torch's ops as the fallback.
 
+Bit for bit torch's numbers (tested):
+
 - :func:`quantize`: rounding onto a grid (torch: ``mul_``, ``round_``, ``clamp_``, and ``mul_`` for
-  the scale) in one pass, the same result bit for bit (tested);
+  the scale) in one pass;
 - :func:`split_heads`: attention's qkv product gets its bias, q, k and v their rounding and the
-  heads the layout of the batched GEMMs (torch: an add, the rounding, three copies), bit for bit.
+  heads the layout of the batched GEMMs (torch: an add, the rounding, three copies).
+
+Torch's numbers within float rounding (another erf, another order of sums; a value that close to
+a rounding boundary may land on the neighbouring level, tested):
+
+- :func:`bias_gelu_levels_`: the MLP's hidden layer, bias + exact GELU + the next input's rounding;
+- :func:`ptf_layer_norm`: the residual stream's per-channel (PTF) fake quantization + LayerNorm.
 
 ``kernels.c`` is plain C with OpenMP (the threads of torch's own runtime), compiled on first use
 (well under a second) into ``$XDG_CACHE_HOME/evolq`` (default ``~/.cache/evolq``) and loaded with
 ctypes: no torch headers, no ninja. Where no C compiler works, or ``EVOLQ_KERNELS=off``,
-:func:`accepts` is False and callers use torch's ops: same numbers, slower (benchmarks/objective.py,
-lever "compiled kernels"). ``CC`` names the compiler.
+:func:`accepts` is False and callers use torch's ops: slower (benchmarks/objective.py,
+lever "compiled kernels"). The two approximate ones stay off under ``QuantizedModel.dequantized()``.
+``CC`` names the compiler.
 """
 
 from __future__ import annotations
@@ -58,6 +67,11 @@ def _library() -> ctypes.CDLL | None:
     library.evolq_quantize.restype = None
     library.evolq_split_heads.argtypes = [pointer, pointer, pointer, size, size, size, size, pointer, ctypes.c_int]
     library.evolq_split_heads.restype = None
+    library.evolq_bias_gelu_levels.argtypes = [pointer, pointer, size, size, pointer, ctypes.c_int]
+    library.evolq_bias_gelu_levels.restype = None
+    library.evolq_ptf_layer_norm.argtypes = [pointer, pointer, size, size, pointer, pointer, pointer, ctypes.c_double,
+                                             ctypes.c_int]
+    library.evolq_ptf_layer_norm.restype = None
     return library
 
 
@@ -125,4 +139,32 @@ def split_heads(product: torch.Tensor, bias: torch.Tensor | None, params: torch.
     out = product.new_empty(3, batch * heads, tokens, head_dim)
     _library().evolq_split_heads(product.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
                                  batch, tokens, heads, head_dim, params.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def bias_gelu_levels_(x: torch.Tensor, bias: torch.Tensor | None, params: torch.Tensor) -> torch.Tensor:
+    """``x`` overwritten with the levels of ``gelu(x + bias)`` (exact GELU) on one grid (``params``: ``(4,)``).
+
+    One pass instead of torch's bias, GELU and rounding. Not bit for bit: its erf is a polynomial
+    (GELU within 9e-7 of exact; torch's within 1.2e-6), so a value that close to a rounding
+    boundary may land on the neighbouring level. Only where :func:`accepts` ``x``.
+    """
+    columns = x.shape[-1]
+    _library().evolq_bias_gelu_levels(x.data_ptr(), None if bias is None else bias.data_ptr(), x.numel() // columns,
+                                      columns, params.data_ptr(), torch.get_num_threads())
+    return x
+
+
+def ptf_layer_norm(x: torch.Tensor, params: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+    """``layer_norm(fake_quantize(x))`` over the last axis, one grid per channel (``params``: ``(4, channels)``).
+
+    One pass instead of torch's fake quantization and LayerNorm; the sums are its own, so the
+    output matches torch's within float rounding, not bit for bit. Only where :func:`accepts` ``x``.
+    """
+    columns = x.shape[-1]
+    out = torch.empty_like(x)
+    _library().evolq_ptf_layer_norm(x.data_ptr(), out.data_ptr(), x.numel() // columns, columns, params.data_ptr(),
+                                    None if weight is None else weight.data_ptr(),
+                                    None if bias is None else bias.data_ptr(), eps, torch.get_num_threads())
     return out

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evolq.quant import kernels
 from evolq.quant.quantizer import UniformQuantizer
 
 
@@ -105,6 +106,11 @@ class QLinear(QuantWeightLayer):
         """``forward(x)`` before its bias and any output quantizer: for a consumer that adds the bias in its own pass."""
         return self._linear(x, None)
 
+    def from_levels(self, levels: torch.Tensor) -> torch.Tensor:
+        """``forward`` of an input already rounded onto this layer's input grid (whole-number levels)."""
+        step = self.input_quant.step(levels.dtype)
+        return self.output_quant(linear_on_levels(levels, self.effective_weight(), self.bias, step))
+
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         weight, quant = self.effective_weight(), self.input_quant
         if isinstance(quant, UniformQuantizer) and quant.gives_levels(x) and not weight.requires_grad:
@@ -119,6 +125,35 @@ def linear_on_levels(levels: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     out = torch.addmm(flat.new_empty(1, 1) if bias is None else bias, flat, weight.t(), beta=0 if bias is None else 1,
                       alpha=step)
     return out.reshape(*levels.shape[:-1], weight.shape[0])
+
+
+class QMlp(nn.Module):
+    """timm's ``Mlp`` with quantized ``fc1`` and ``fc2``; without autograd its hidden layer is made in one pass.
+
+    Where it applies (exact GELU, no hidden norm, no active dropout, the compiled kernels here)
+    fc1's product gets its bias, GELU and fc2's input rounding in one pass
+    (:func:`evolq.quant.kernels.bias_gelu_levels_`); otherwise the modules run in timm's order.
+    """
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.act, self.drop1, self.norm, self.fc2, self.drop2 = (
+            mlp.fc1, mlp.act, mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._in_one_pass(x):
+            return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+        hidden = self.fc1.product(x)
+        kernels.bias_gelu_levels_(hidden, self.fc1.bias, self.fc2.input_quant.grid(hidden.dtype).packed)
+        return self.drop2(self.fc2.from_levels(hidden))
+
+    def _in_one_pass(self, x: torch.Tensor) -> bool:
+        quant, dropout = self.fc2.input_quant, getattr(self.drop1, "p", 0.0)
+        return (isinstance(self.act, nn.GELU) and self.act.approximate == "none" and isinstance(self.norm, nn.Identity)
+                and not (self.training and dropout) and isinstance(self.fc1.output_quant, nn.Identity)
+                and isinstance(quant, UniformQuantizer) and quant.gives_levels(x)
+                and not self.fc1.tracked() and not self.fc2.tracked()
+                and kernels.accepts(x) and (self.fc1.bias is None or kernels.accepts(self.fc1.bias)))
 
 
 class QConv2d(QuantWeightLayer):
@@ -141,7 +176,11 @@ def ste_fake_quantize(weight: torch.Tensor, scale: torch.Tensor, quantizer: Unif
 
 
 class QLayerNorm(nn.Module):
-    """LayerNorm whose input (the residual stream) is fake-quantized with power-of-two factors."""
+    """LayerNorm whose input (the residual stream) is fake-quantized with power-of-two factors.
+
+    Without autograd, per-channel (PTF) quantization and LayerNorm run in one compiled pass
+    (:func:`evolq.quant.kernels.ptf_layer_norm`) where it applies.
+    """
 
     def __init__(self, norm: nn.LayerNorm, input_quant: UniformQuantizer) -> None:
         super().__init__()
@@ -149,4 +188,18 @@ class QLayerNorm(nn.Module):
         self.input_quant = input_quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._in_one_pass(x):
+            grid, norm = self.input_quant.grid(x.dtype), self.norm
+            return kernels.ptf_layer_norm(x, grid.packed, norm.weight, norm.bias, norm.eps)
         return self.norm(self.input_quant(x))
+
+    def _in_one_pass(self, x: torch.Tensor) -> bool:
+        """Where the compiled kernel applies: a per-channel grid on levels, a plain LayerNorm, no autograd."""
+        quant, norm = self.input_quant, self.norm
+        if not (isinstance(quant, UniformQuantizer) and quant.mode == "quant" and quant.calibrated and quant.on_levels
+                and quant.channel_axis == -1 and kernels.accepts(x)):
+            return False
+        affine = [t for t in (norm.weight, norm.bias) if t is not None]
+        tracked = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in affine))
+        return (not tracked and tuple(norm.normalized_shape) == (x.shape[-1],) and len(affine) in (0, 2)
+                and all(kernels.accepts(t) for t in affine) and quant.grid(x.dtype).packed.shape == (4, x.shape[-1]))

@@ -105,6 +105,43 @@ def test_split_heads_is_torchs_add_round_and_permute(with_bias, batch, tokens):
     assert same(out, expected.reshape(out.shape))
 
 
+@needs_compiler
+def test_gelu_kernel_is_exact_gelu_within_its_stated_error():
+    x = torch.linspace(-30, 30, 600_000).reshape(-1, 1000)
+    bias = torch.linspace(-1, 1, 1000)
+    fine = Grid(inverse=2.0**16, low=-2.0**23, high=2.0**23, scale=2.0**-16).packed  # rounding error 8e-6
+    levels = kernels.bias_gelu_levels_(x.clone(), bias, fine)
+    exact = torch.nn.functional.gelu((x + bias).double())
+    assert (levels.double() * 2.0**-16 - exact).abs().max() < 2.0**-17 + 1e-6  # half a step + the polynomial
+
+
+@needs_compiler
+def test_gelu_kernel_gives_torchs_levels_but_for_rare_neighbours():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 768, generator=generator) * 2
+    bias = torch.randn(768, generator=generator) * 0.1
+    grid = Grid(inverse=50.0, low=0.0, high=255.0, scale=0.02)
+    expected = torch_levels(torch.nn.functional.gelu(x + bias), grid)
+    levels = kernels.bias_gelu_levels_(x.clone(), bias, grid.packed)
+    moved = levels != expected
+    assert moved.float().mean() < 1e-4 and (levels - expected).abs().max() <= 1
+    assert expected.unique().numel() > 100  # many levels in play: the comparison is not vacuous
+
+
+@needs_compiler
+@pytest.mark.parametrize("affine", [True, False])
+def test_ptf_layer_norm_kernel_is_torchs_within_float_rounding(affine):
+    generator = torch.Generator().manual_seed(0)
+    channels = 192
+    x = torch.randn(300, channels, generator=generator) * torch.linspace(0.5, 8, channels)
+    grid = per_column(channels)
+    weight = torch.randn(channels, generator=generator) if affine else None
+    bias = torch.randn(channels, generator=generator) if affine else None
+    expected = torch.nn.functional.layer_norm(grid.fake_quantize(x), (channels,), weight, bias, 1e-6)
+    out = kernels.ptf_layer_norm(x, grid.packed, weight, bias, 1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_grid_along_another_axis_leaves_the_kernel_out():
     grid = Grid.of(torch.tensor([0.5, 1.0, 2.0]), torch.zeros(3, dtype=torch.int32), BitType(4, signed=True),
                    channel_axis=0, ndim=2, dtype=torch.float32)
