@@ -384,7 +384,8 @@ def lever_table(qmodel: QuantizedModel, f: BlockObjective, device: torch.device,
     if device.type == "cpu":
         row("compiled kernels", "torch's ops", "evolq.quant.kernels", {
             "torch's ops": lambda: plain(levels=True, chunks=True), "evolq.quant.kernels": lambda: fresh(f)(x)},
-            note="one-pass rounding; qkv bias + rounding + head layout; bias + GELU + rounding; PTF + LayerNorm"
+            note="one-pass rounding; qkv bias + rounding + head layout; softmax + rounding; "
+                 "bias + GELU + rounding; PTF + LayerNorm"
                  + ("" if kernels.accepts(torch.zeros(1)) else " (NOT BUILT here: both sides ran torch's ops)"))
     strided = [h.transpose(0, 1).contiguous().transpose(0, 1) for h in f._inputs]
     row("contiguous cache", "block inputs token-major (strided)", "block inputs contiguous", {

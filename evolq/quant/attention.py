@@ -76,11 +76,15 @@ class QAttention(nn.Module):
         the heads' outputs as ``(batch * heads, tokens, head_dim)``."""
         q, k, v = self._heads_on_levels(product)
         step_q, step_k, step_v = (quant.step(product.dtype) for quant in (self.q_quant, self.k_quant, self.v_quant))
-        attn = scaled_bmm(q, k.transpose(1, 2), step_q * step_k * self.scale).softmax(dim=-1)
-        if isinstance(self.softmax_quant, UniformQuantizer) and self.softmax_quant.gives_levels(attn):
-            attn, step_v = self.softmax_quant.levels(attn, inplace=True), step_v * self.softmax_quant.step(attn.dtype)
+        scores, quant = scaled_bmm(q, k.transpose(1, 2), step_q * step_k * self.scale), self.softmax_quant
+        if isinstance(quant, UniformQuantizer) and quant.gives_levels(scores):
+            step_v = step_v * quant.step(scores.dtype)
+            if kernels.accepts(scores):  # softmax and rounding in one pass
+                attn = kernels.softmax_levels_(scores, quant.grid(scores.dtype).packed)
+            else:
+                attn = quant.levels(scores.softmax(dim=-1), inplace=True)
         else:
-            attn = self.softmax_quant(attn)
+            attn = quant(scores.softmax(dim=-1))
         return scaled_bmm(attn, v, step_v)
 
     def _heads_on_levels(self, product: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -173,4 +174,52 @@ void evolq_ptf_layer_norm(const float *x, float *out, int64_t rows, int64_t cols
     for (int part = 0; part < threads; ++part)
         ptf_norm_rows(x, out, rows * part / threads, rows * (part + 1) / threads, cols, params, weight, bias,
                       (float)eps);
+}
+
+/* e^x for x <= 0: Cody-Waite reduction and Cephes' degree-5 polynomial (within 1e-7 relative,
+ * as torch's exp); the whole number n of x / ln 2 is taken from the bits of a float sum (no
+ * float-to-int conversion), so NaN stays NaN. Below -87 it gives e^-87. */
+static inline float exp_nonpositive(float x) {
+    const float y = x < -87.0f ? -87.0f : x, magic = 12582912.0f; /* 1.5 * 2^23: its sum rounds to a whole */
+    const float shifted = y * 1.44269504088896341f + magic, n = shifted - magic;
+    const float r = (y - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4B400000 + 127) << 23; /* 2^n: n + 127 in the exponent field */
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+CLONES static void softmax_rows(float *x, int64_t begin, int64_t end, int64_t cols, float inverse, float low,
+                                float high) {
+    for (int64_t r = begin; r < end; ++r) {
+        float *row = x + r * cols, top = row[0], sum = 0.0f;
+        #pragma omp simd reduction(max : top)
+        for (int64_t j = 0; j < cols; ++j) top = row[j] > top ? row[j] : top;
+        #pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < cols; ++j) {
+            row[j] = exp_nonpositive(row[j] - top);
+            sum += row[j];
+        }
+        const float norm = 1.0f / sum;
+        for (int64_t j = 0; j < cols; ++j) row[j] = clamp(rintf(row[j] * norm * inverse), low, high);
+    }
+}
+
+/* Attention's probabilities on the softmax quantizer's grid, in place: x (rows x cols, contiguous)
+ * becomes clamp(rint(softmax(x) * inverse), low, high), softmax along each row; params: one grid.
+ * Not bit for bit torch's softmax (another exp, another order of the sum). */
+void evolq_softmax_levels(float *x, int64_t rows, int64_t cols, const float *params, int threads) {
+    if (rows * cols < MIN_PARALLEL) threads = 1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int part = 0; part < threads; ++part)
+        softmax_rows(x, rows * part / threads, rows * (part + 1) / threads, cols, params[0], params[1], params[2]);
 }

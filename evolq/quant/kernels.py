@@ -7,9 +7,10 @@ Bit for bit torch's numbers (tested):
 - :func:`split_heads`: attention's qkv product gets its bias, q, k and v their rounding and the
   heads the layout of the batched GEMMs (torch: an add, the rounding, three copies).
 
-Torch's numbers within float rounding (another erf, another order of sums; a value that close to
-a rounding boundary may land on the neighbouring level, tested):
+Torch's numbers within float rounding (another erf or exp, another order of sums; a value that
+close to a rounding boundary may land on the neighbouring level, tested):
 
+- :func:`softmax_levels_`: attention's softmax and the rounding of its output;
 - :func:`bias_gelu_levels_`: the MLP's hidden layer, bias + exact GELU + the next input's rounding;
 - :func:`ptf_layer_norm`: the residual stream's per-channel (PTF) fake quantization + LayerNorm.
 
@@ -17,7 +18,7 @@ a rounding boundary may land on the neighbouring level, tested):
 (well under a second) into ``$XDG_CACHE_HOME/evolq`` (default ``~/.cache/evolq``) and loaded with
 ctypes: no torch headers, no ninja. Where no C compiler works, or ``EVOLQ_KERNELS=off``,
 :func:`accepts` is False and callers use torch's ops: slower (benchmarks/objective.py,
-lever "compiled kernels"). The two approximate ones stay off under ``QuantizedModel.dequantized()``.
+lever "compiled kernels"). The approximate ones stay off under ``QuantizedModel.dequantized()``.
 ``CC`` names the compiler.
 """
 
@@ -72,6 +73,8 @@ def _library() -> ctypes.CDLL | None:
     library.evolq_ptf_layer_norm.argtypes = [pointer, pointer, size, size, pointer, pointer, pointer, ctypes.c_double,
                                              ctypes.c_int]
     library.evolq_ptf_layer_norm.restype = None
+    library.evolq_softmax_levels.argtypes = [pointer, size, size, pointer, ctypes.c_int]
+    library.evolq_softmax_levels.restype = None
     return library
 
 
@@ -168,3 +171,15 @@ def ptf_layer_norm(x: torch.Tensor, params: torch.Tensor, weight: torch.Tensor |
                                     None if weight is None else weight.data_ptr(),
                                     None if bias is None else bias.data_ptr(), eps, torch.get_num_threads())
     return out
+
+
+def softmax_levels_(scores: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """``scores`` overwritten with the levels of ``softmax(scores, dim=-1)`` on one grid (``params``: ``(4,)``).
+
+    One pass over each row instead of torch's softmax and the rounding; its exp and its order of
+    summation are its own (within float rounding of torch's). Only where :func:`accepts` ``scores``.
+    """
+    columns = scores.shape[-1]
+    _library().evolq_softmax_levels(scores.data_ptr(), scores.numel() // columns, columns, params.data_ptr(),
+                                    torch.get_num_threads())
+    return scores

@@ -129,6 +129,24 @@ def test_gelu_kernel_gives_torchs_levels_but_for_rare_neighbours():
 
 
 @needs_compiler
+def test_softmax_kernel_is_softmax_within_float_rounding():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(300, 197, generator=generator) * 6  # 197: rows that are no multiple of the vector width
+    fine = Grid(inverse=2.0**22, low=0.0, high=2.0**22, scale=2.0**-22).packed  # rounding error 1.2e-7
+    levels = kernels.softmax_levels_(scores.clone(), fine)
+    exact = torch.softmax(scores.double(), dim=-1)
+    assert (levels.double() * 2.0**-22 - exact).abs().max() < 2.0**-23 + 3e-7  # torch's float32 softmax: 2.6e-7
+    grid = Grid(inverse=255.0, low=0.0, high=255.0, scale=1 / 255)
+    expected = torch_levels(torch.softmax(scores, dim=-1), grid)
+    moved = kernels.softmax_levels_(scores.clone(), grid.packed) != expected
+    assert moved.float().mean() < 1e-4 and expected.unique().numel() > 100
+    with_nan = scores[:2].clone()
+    with_nan[0, 5] = float("nan")
+    out = kernels.softmax_levels_(with_nan, grid.packed)
+    assert out[0].isnan().all() and not out[1].isnan().any()  # as torch.softmax: NaN spreads over its row
+
+
+@needs_compiler
 @pytest.mark.parametrize("affine", [True, False])
 def test_ptf_layer_norm_kernel_is_torchs_within_float_rounding(affine):
     generator = torch.Generator().manual_seed(0)
