@@ -1,11 +1,12 @@
 """Attention with its matmul inputs (q, k, v) and softmax output fake-quantized, as in FQ-ViT.
 
 Without autograd the quantized matmuls run on grid levels (see :mod:`evolq.quant.layers`): the
-qkv product gets its bias, q, k and v their rounding and the heads their layout in one pass
-(:mod:`evolq.quant.kernels`), their scales and the attention scale ride on the two batched
-GEMMs' alpha, and the softmax output is rounded in place. The
-values are those of the dequantized formulation up to float rounding; ``forward`` takes that
-path wherever it applies and the plain one otherwise (autograd, log2 softmax, q/k norms).
+qkv product gets its bias, q, k and v their rounding and the heads their layout in one pass,
+their scales and the attention scale ride on the two batched GEMMs' alpha, and the softmax and
+the rounding of its output are one pass too (both compiled, :mod:`evolq.quant.kernels`; torch's
+ops where those do not run). The values are those of the dequantized formulation up to float
+rounding; ``forward`` takes that path wherever it applies and the plain one otherwise
+(autograd, log2 softmax, q/k norms).
 """
 
 from __future__ import annotations

@@ -42,15 +42,24 @@ import torch
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _enabled = os.environ.get("EVOLQ_KERNELS", "on").lower() not in ("off", "0", "false", "no")
+_P, _N, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int  # pointers, sizes, flags and thread counts
+_SIGNATURES = {  # the C functions of kernels.c and their arguments
+    "evolq_quantize": [_P, _P, _N, _N, _P, _INT, _INT, _INT],
+    "evolq_split_heads": [_P, _P, _P, _N, _N, _N, _N, _P, _INT],
+    "evolq_softmax_levels": [_P, _N, _N, _P, _INT],
+    "evolq_bias_gelu_levels": [_P, _P, _N, _N, _P, _INT],
+    "evolq_ptf_layer_norm": [_P, _P, _N, _N, _P, _P, _P, ctypes.c_double, _INT],
+}
 
 
 def cache_dir() -> Path:
+    """Where the compiled library is kept, one file per version of ``kernels.c``."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evolq"
 
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, built once per source, flags and machine type; None (with a warning) if it cannot be."""
+    """The compiled kernels, built once per source, flags and machine type; None (with a warning) if they cannot be."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
@@ -58,23 +67,14 @@ def _library() -> ctypes.CDLL | None:
         if not target.is_file():
             _compile(target)
         library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, None
+    except (OSError, subprocess.SubprocessError, AttributeError) as error:
         warnings.warn(f"evolq: the compiled kernels are unavailable ({error}); using torch's ops "
-                      "(same numbers, slower). Set CC to a C compiler with OpenMP, or EVOLQ_KERNELS=off.",
+                      "(slower). Set CC to a C compiler with OpenMP, or EVOLQ_KERNELS=off to silence this.",
                       RuntimeWarning, stacklevel=3)
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.evolq_quantize.argtypes = [pointer, pointer, size, size, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    library.evolq_quantize.restype = None
-    library.evolq_split_heads.argtypes = [pointer, pointer, pointer, size, size, size, size, pointer, ctypes.c_int]
-    library.evolq_split_heads.restype = None
-    library.evolq_bias_gelu_levels.argtypes = [pointer, pointer, size, size, pointer, ctypes.c_int]
-    library.evolq_bias_gelu_levels.restype = None
-    library.evolq_ptf_layer_norm.argtypes = [pointer, pointer, size, size, pointer, pointer, pointer, ctypes.c_double,
-                                             ctypes.c_int]
-    library.evolq_ptf_layer_norm.restype = None
-    library.evolq_softmax_levels.argtypes = [pointer, size, size, pointer, ctypes.c_int]
-    library.evolq_softmax_levels.restype = None
     return library
 
 
@@ -99,7 +99,7 @@ def _compile(target: Path) -> None:
 
 @contextmanager
 def disabled() -> Iterator[None]:
-    """Inside this block every rounding uses torch's ops (for checks and the benchmark's levers)."""
+    """Inside this block torch's ops run instead of the kernels (for checks and the benchmark's levers)."""
     global _enabled
     before, _enabled = _enabled, False
     try:
@@ -109,7 +109,7 @@ def disabled() -> Iterator[None]:
 
 
 def accepts(x: torch.Tensor) -> bool:
-    """True where :func:`quantize` may take ``x``: a contiguous float32 CPU tensor, the kernel on and built."""
+    """True where the kernels may take ``x``: a contiguous float32 CPU tensor, the kernels on and built."""
     if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
         return False
     return _library() is not None
@@ -128,7 +128,6 @@ def quantize(x: torch.Tensor, params: torch.Tensor, out: torch.Tensor | None = N
     _library().evolq_quantize(x.data_ptr(), out.data_ptr(), x.numel() // columns, columns, params.data_ptr(),
                               int(per_column), int(dequantize), torch.get_num_threads())
     return out
-
 
 
 def split_heads(product: torch.Tensor, bias: torch.Tensor | None, params: torch.Tensor, heads: int) -> torch.Tensor:

@@ -9,6 +9,8 @@ levels by its weight and applies the input scale to the product, inside the GEMM
 (``s * (levels @ W.T) + b``, the same value as ``(s * levels) @ W.T + b`` up to float rounding).
 That saves two passes over every input; a layer whose input is a temporary that nothing else
 reads (``owns_input``, set by :func:`evolq.quant.convert.convert_vit`) also rounds it in place.
+The MLP's hidden layer and the LayerNorms' quantized inputs run in compiled one-pass kernels
+where those apply (:class:`QMlp`, :class:`QLayerNorm`, :mod:`evolq.quant.kernels`).
 """
 
 from __future__ import annotations
