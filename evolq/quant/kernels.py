@@ -72,7 +72,8 @@ def _library() -> ctypes.CDLL | None:
             function.argtypes, function.restype = argtypes, None
     except (OSError, subprocess.SubprocessError, AttributeError) as error:
         warnings.warn(f"evolq: the compiled kernels are unavailable ({error}); using torch's ops "
-                      "(slower). Set CC to a C compiler with OpenMP, or EVOLQ_KERNELS=off to silence this.",
+                      "(slower). Set CC to a C compiler with OpenMP, XDG_CACHE_HOME to a writable folder, or "
+                      "EVOLQ_KERNELS=off to silence this.",
                       RuntimeWarning, stacklevel=3)
         return None
     return library

@@ -1,4 +1,4 @@
-"""The compiled one-pass rounding kernel: torch's numbers bit for bit, and torch's ops wherever it cannot run."""
+"""The compiled kernels: torch's numbers bit for bit or within their stated error, torch's ops wherever they cannot run."""
 
 from __future__ import annotations
 
@@ -168,16 +168,22 @@ def test_a_grid_along_another_axis_leaves_the_kernel_out():
     assert same(grid.levels(x), torch_levels(x, grid))
 
 
-def test_without_a_compiler_it_warns_once_and_torch_rounds(monkeypatch, tmp_path):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(kernels, "cache_dir", lambda: tmp_path / "cache")
+@pytest.mark.parametrize("cause", ["no compiler", "no writable cache"])
+def test_where_it_cannot_build_it_warns_and_torch_rounds(cause, monkeypatch, tmp_path):
+    if cause == "no compiler":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        cache, expected = tmp_path / "cache", "no-such-compiler"
+    else:
+        (tmp_path / "a-file").write_text("")
+        cache, expected = tmp_path / "a-file" / "evolq", "a-file"  # a folder cannot be made inside a file
+    monkeypatch.setattr(kernels, "cache_dir", lambda: cache)
     kernels._library.cache_clear()
     try:
         x = awkward((4, 16))
-        with pytest.warns(RuntimeWarning, match="no-such-compiler.*torch's ops"):
+        with pytest.warns(RuntimeWarning, match=f"{expected}.*torch's ops"):
             assert not kernels.accepts(x)
         assert same(per_tensor().levels(x), torch_levels(x, per_tensor()))
-        assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob("*.tmp*"))
+        assert not list(tmp_path.rglob("*.so"))  # no library, not even a half-written one
     finally:
         kernels._library.cache_clear()
 
