@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evolq.quant import kernels
+from evolq.quant.grid import Grid
 from evolq.quant.quantizer import UniformQuantizer
 
 
@@ -190,18 +191,22 @@ class QLayerNorm(nn.Module):
         self.input_quant = input_quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._in_one_pass(x):
-            grid, norm = self.input_quant.grid(x.dtype), self.norm
+        grid = self._one_pass_grid(x)
+        if grid is not None:
+            norm = self.norm
             return kernels.ptf_layer_norm(x, grid.packed, norm.weight, norm.bias, norm.eps)
         return self.norm(self.input_quant(x))
 
-    def _in_one_pass(self, x: torch.Tensor) -> bool:
-        """Where the compiled kernel applies: a per-channel grid on levels, a plain LayerNorm, no autograd."""
+    def _one_pass_grid(self, x: torch.Tensor) -> Grid | None:
+        """The input's grid where the compiled kernel applies (per channel, on levels, a plain LayerNorm, no
+        autograd), else None."""
         quant, norm = self.input_quant, self.norm
         if not (isinstance(quant, UniformQuantizer) and quant.mode == "quant" and quant.calibrated and quant.on_levels
                 and quant.channel_axis == -1 and kernels.accepts(x)):
-            return False
+            return None
         affine = [t for t in (norm.weight, norm.bias) if t is not None]
         tracked = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in affine))
-        return (not tracked and tuple(norm.normalized_shape) == (x.shape[-1],) and len(affine) in (0, 2)
-                and all(kernels.accepts(t) for t in affine) and quant.grid(x.dtype).packed.shape == (4, x.shape[-1]))
+        grid = quant.grid(x.dtype)
+        fits = (tuple(norm.normalized_shape) == (x.shape[-1],) and len(affine) in (0, 2)
+                and all(kernels.accepts(t) for t in affine) and grid.packed.shape == (4, x.shape[-1]))
+        return grid if fits and not tracked else None

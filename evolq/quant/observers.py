@@ -34,8 +34,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """Quantize-dequantize, per tensor or along ``channel_axis``.
 
     Where autograd needs the result, torch's fused fake-quantize kernels run (they carry the
-    straight-through gradient). Otherwise the same arithmetic runs as four elementwise passes
-    (:class:`evolq.quant.grid.Grid`), several times faster on CPU and equal to torch's kernels (tested).
+    straight-through gradient). Otherwise the same arithmetic runs as :class:`evolq.quant.grid.Grid`'s
+    elementwise passes (one compiled pass on the CPU), several times faster and equal to torch's kernels (tested).
     """
     if x.requires_grad and torch.is_grad_enabled():
         if channel_axis is None:
