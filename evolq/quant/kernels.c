@@ -176,11 +176,12 @@ void evolq_ptf_layer_norm(const float *x, float *out, int64_t rows, int64_t cols
                       (float)eps);
 }
 
-/* e^x for x <= 0: Cody-Waite reduction and Cephes' degree-5 polynomial (within 1e-7 relative,
- * as torch's exp); the whole number n of x / ln 2 is taken from the bits of a float sum (no
- * float-to-int conversion), so NaN stays NaN. Below -87 it gives e^-87. */
-static inline float exp_nonpositive(float x) {
-    const float y = x < -87.0f ? -87.0f : x, magic = 12582912.0f; /* 1.5 * 2^23: its sum rounds to a whole */
+/* e^x for -87 <= x <= 0 (the caller clamps: a clamp in here becomes a branch that GCC cannot
+ * vectorize for AVX2, since the clamped value's result is a constant): Cody-Waite reduction and
+ * Cephes' degree-5 polynomial (within 1e-7 relative, as torch's exp); the whole number n of
+ * x / ln 2 is taken from the bits of a float sum (no float-to-int conversion), so NaN stays NaN. */
+static inline float exp_nonpositive(float y) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: its sum rounds to a whole */
     const float shifted = y * 1.44269504088896341f + magic, n = shifted - magic;
     const float r = (y - n * 0.693359375f) + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -204,9 +205,13 @@ CLONES static void softmax_rows(float *x, int64_t begin, int64_t end, int64_t co
         float *row = x + r * cols, top = row[0], sum = 0.0f;
         #pragma omp simd reduction(max : top)
         for (int64_t j = 0; j < cols; ++j) top = row[j] > top ? row[j] : top;
+        for (int64_t j = 0; j < cols; ++j) { /* shifted into the exp's domain; NaN stays NaN */
+            const float shifted = row[j] - top;
+            row[j] = shifted < -87.0f ? -87.0f : shifted;
+        }
         #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < cols; ++j) {
-            row[j] = exp_nonpositive(row[j] - top);
+            row[j] = exp_nonpositive(row[j]);
             sum += row[j];
         }
         const float norm = 1.0f / sum;
