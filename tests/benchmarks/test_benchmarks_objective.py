@@ -165,7 +165,8 @@ def test_quick_benchmark_runs_and_ends_with_the_summary_line(tmp_path):
             "prefix cache", "cached quantized weights", "no autograd", "contiguous cache", "batched candidates",
             "grid levels", "chunked blocks"}
         levels = next(lever for lever in case["levers"] if lever["lever"] == "grid levels")
-        assert 0 < levels["max_rel_diff"] <= bench.LEVELS_TOLERANCE  # another rounding, within the tolerance
+        # another rounding, within the tolerance (it may also round the same: 0 on the AVX2 machine, 4 images)
+        assert 0 <= levels["max_rel_diff"] <= bench.LEVELS_TOLERANCE
     deit = result["cases"][1]["summary"]
     assert deit["blocks"] == 12 and deit["cache_bytes_per_1000_images"] < 2 * 2**30
     assert not list(tmp_path.glob("*.tmp"))  # written atomically, nothing left behind

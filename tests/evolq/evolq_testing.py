@@ -15,6 +15,10 @@ CLASSES = DEFAULT_ARCH["num_classes"]  # 10
 TOKENS = (DEFAULT_ARCH["img_size"] // DEFAULT_ARCH["patch_size"]) ** 2 + 1  # 49 patches + class token
 CALIB_SIZE = 200
 CALIB_BATCH = 40  # OMSE chooses on the last batch: smaller batches calibrate faster
+# The quantized model on grid levels against its dequantized form (or autograd's pass): another order
+# of float operations rounds a few activations onto the neighbouring grid level, which moves a loss
+# by up to ~2e-5 relative (measured: benchmarks/objective.py on DeiT-Tiny, and in the tests).
+LEVELS_RTOL = 1e-4
 
 
 def random_vit(seed: int = 0) -> nn.Module:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from evolq_testing import CLASSES, DEPTH, EMBED, TOKENS
+from evolq_testing import CLASSES, DEPTH, EMBED, LEVELS_RTOL, TOKENS
 
 from evolq.errors import UsageError
 from evolq.objective import BlockObjective, fp_logits, model_loss
@@ -104,7 +104,8 @@ def test_value_and_grad(qmodel, images):
     x = near(f.x0, 3)
     value, grad = f.value_and_grad(x)
     # the gradient pass dequantizes (torch's kernels), f(x) runs on grid levels: equal up to float rounding
-    assert value == pytest.approx(f(x), rel=1e-6)
+    # (2.4e-6 relative on the AVX2 machine)
+    assert value == pytest.approx(f(x), rel=LEVELS_RTOL)
     assert grad.shape == (f.dim,) and grad.dtype == np.float64
     assert np.isfinite(grad).all()
     assert np.count_nonzero(grad) > f.dim // 2  # qkv and proj channels both get gradient
