@@ -37,6 +37,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help="quantization preset wXaY: w8a8, w4a8, w3a8, w4a4, w3a4, ... (default w4a8)")
     parser.add_argument("--wbits", type=int, help="weight bits, 2..8 (overrides the preset)")
     parser.add_argument("--abits", type=int, help="activation bits, 2..8 (overrides the preset)")
+    parser.add_argument("--placement", default="full",
+                        help="which tensors are quantized: full (default, FQ-ViT's fully quantized ViT as in the paper) "
+                             "or inputs (only the inputs of matmuls and LayerNorms)")
     parser.add_argument("--calib-size", type=int, default=1000, help="calibration images from train (default 1000)")
     parser.add_argument("--selection-size", type=int, default=1000,
                         help="held-out training images: quantize and compare pick the best pass on them, "
@@ -66,6 +69,7 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
     settings = dict(
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
         data_dir=args.data_dir, preset=args.preset or DEMO_PRESET, wbits=args.wbits, abits=args.abits,
+        placement=args.placement,
         calib_size=args.calib_size, selection_size=args.selection_size, seed=args.seed, device=args.device,
         loss=args.loss,
     )

@@ -47,6 +47,7 @@ class RunConfig:
     preset: str = DEMO_PRESET
     wbits: int | None = None
     abits: int | None = None
+    placement: str = "full"
     calib_size: int = 1000
     selection_size: int = 1000
     eval_size: int | None = None
@@ -62,7 +63,7 @@ class RunConfig:
     def quant_config(self) -> QuantConfig:
         base = QuantConfig.preset(self.preset)
         return base.with_(wbits=base.wbits if self.wbits is None else self.wbits,
-                          abits=base.abits if self.abits is None else self.abits)
+                          abits=base.abits if self.abits is None else self.abits, placement=self.placement)
 
     def check(self) -> None:
         """Fail on a bad setting now, with one line, rather than after minutes of calibration."""
