@@ -21,7 +21,7 @@ from evolq.quant.config import PRESETS, QuantConfig
 from evolq.search import SearchResult, search
 from evolq.zoo import load_default
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place of the version: pyproject.toml reads this literal (no import)
 
 __all__ = [
     "Block", "BlockObjective", "LOSSES", "PRESETS", "QuantConfig", "QuantizedModel", "RunConfig", "RunError",
