@@ -4,7 +4,7 @@
     python benchmarks/objective.py --quick         # a smoke run for the test suite (< 60 s)
     python benchmarks/objective.py --device cuda   # where a GPU exists
 
-Cases, both w4a8:
+Cases, both w4a8 (``--placement``: full, the default, or inputs):
   (a) the default model (trained weights from evolq/zoo/fmnist_vit.safetensors where that file
       exists, else timm's random initialisation, seed 0), 1,000 Fashion-MNIST training images;
   (b) timm ``deit_tiny_patch16_224`` with random weights, 256 random 224x224 images.
@@ -55,6 +55,7 @@ from evolq.losses import get_loss
 from evolq.objective import BlockObjective, fp_logits
 from evolq.qmodel import QuantizedModel, batches
 from evolq.quant import kernels
+from evolq.quant.config import QuantConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "objective.json"
 BATCH = 100  # Evol-Q's calibration batch
@@ -310,7 +311,7 @@ def malloc_probe(args: argparse.Namespace, settings: dict) -> int:
         reuse_freed_memory()
     else:
         evolq.objective.reuse_freed_memory = lambda: False  # BlockObjective would otherwise apply it
-    case = build_case(args.cases, settings, torch.device("cpu"), args.seed)
+    case = build_case(args.cases, settings, torch.device("cpu"), args.seed, args.placement)
     images = case["images"][: args.probe_images]
     block = int(args.blocks)
     f = BlockObjective(case["qmodel"], block, images, targets=fp_logits(case["qmodel"], images, BATCH))
@@ -430,7 +431,7 @@ def compile_lever(qmodel: QuantizedModel, f: BlockObjective, x: np.ndarray, devi
 
 
 # -- one case ---------------------------------------------------------------------------------------
-def build_case(name: str, settings: dict, device: torch.device, seed: int) -> dict:
+def build_case(name: str, settings: dict, device: torch.device, seed: int, placement: str = "full") -> dict:
     """Calibrated QuantizedModel, images, and (trained default model only) test images for top-1."""
     from evolq.models import create_model
     from evolq.zoo import DEFAULT_CHECKPOINT, default_architecture
@@ -462,7 +463,8 @@ def build_case(name: str, settings: dict, device: torch.device, seed: int) -> di
     started = time.perf_counter()
     # Calibration (on the CPU, a small subset) is not what is measured: OMSE's 90-step search per
     # activation quantizer is slow, and the evaluation runs the same ops whatever the scales are.
-    qmodel = QuantizedModel(model, "w4a8").calibrate(images[:calib], batch_size=calib, progress=False)
+    config = QuantConfig.preset("w4a8", placement=placement)
+    qmodel = QuantizedModel(model, config).calibrate(images[:calib], batch_size=calib, progress=False)
     qmodel.to(device)
     for layer in qmodel.weight_layers():
         layer.invalidate()
@@ -671,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-levers", action="store_true", help="skip the before/after lever measurements")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile of the suffix")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--placement", default="full", help="quantizer placement: full (default) or inputs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--probe-malloc", choices=("off", "on"), help=argparse.SUPPRESS)  # the allocator lever's child
     parser.add_argument("--probe-images", type=int, default=BATCH, help=argparse.SUPPRESS)
@@ -705,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in cases:
         peak.burst()  # best single readings before and after each case, for the stricter measure
         case_started = time.perf_counter()
-        case = build_case(name, settings, device, args.seed)
+        case = build_case(name, settings, device, args.seed, args.placement)
         results.append(run_case(case, settings, device, peak, blocks, not args.no_levers, args.compile, print, args))
         results[-1]["seconds"] = time.perf_counter() - case_started
         peak.burst()
