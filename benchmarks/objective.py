@@ -304,12 +304,8 @@ def malloc_lever(case: str, block: int, images: int, settings: dict, args: argpa
 
 def malloc_probe(args: argparse.Namespace, settings: dict) -> int:
     """Child of :func:`malloc_lever`: time one block's evaluations with glibc's allocator kept or as started."""
-    import evolq.objective
-
     if args.probe_malloc == "on":
         reuse_freed_memory()
-    else:
-        evolq.objective.reuse_freed_memory = lambda: False  # BlockObjective would otherwise apply it
     case = build_case(args.cases, settings, torch.device("cpu"), args.seed)
     images = case["images"][: args.probe_images]
     block = int(args.blocks)
@@ -691,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     if device.type == "cpu":
-        reuse_freed_memory()  # as BlockObjective does; the reference runs under the same allocator
+        reuse_freed_memory()  # opt-in; the levers and the reference all run with it (its own lever: malloc_lever)
     peak_size = settings["peak_size"] * (4 if device.type == "cuda" else 1)
     peak = MatmulPeak(device, size=peak_size, window=settings["peak_window"])
     # bf16 matmuls are ~100x slower than fp32 on CPUs without bf16 units: a small one there.

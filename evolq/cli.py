@@ -45,6 +45,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--loss", default="infonce", help="infonce (default), mse, kl or cosine")
     parser.add_argument("--out", help="run folder for the outputs")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="have glibc reuse freed memory in this process (faster on some machines, "
+                             "slower on others: docs/performance.md)")
 
 
 def _quantize_parser(commands) -> None:
@@ -67,7 +70,7 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
         data_dir=args.data_dir, preset=args.preset or DEMO_PRESET, wbits=args.wbits, abits=args.abits,
         calib_size=args.calib_size, selection_size=args.selection_size, seed=args.seed, device=args.device,
-        loss=args.loss,
+        loss=args.loss, reuse_freed_memory=args.reuse_freed_memory,
     )
     return RunConfig(**{**settings, **extra})
 

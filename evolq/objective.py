@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evolq.allocator import reuse_freed_memory
 from evolq.blocks import Block, check_vector
 from evolq.errors import UsageError
 from evolq.losses import Loss, get_loss
@@ -85,8 +84,6 @@ class BlockObjective:
     ) -> None:
         if dtype not in DTYPES:
             raise UsageError(f"objective dtype {dtype} is not supported; allowed: torch.float32 (default) or torch.bfloat16")
-        if images.device.type == "cpu":
-            reuse_freed_memory()
         self.qmodel = qmodel
         self.dtype = dtype
         self.block = block if isinstance(block, Block) else qmodel.block(block)

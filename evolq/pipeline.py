@@ -32,7 +32,7 @@ from evolq.search import check_search_settings, search
 DEMO_PRESET = "w3a4"
 PACKAGES = ("evolq", "torch", "timm", "numpy", "nevergrad", "cma")
 # Settings that do not change a run's numbers, so --resume accepts a change of them.
-NOT_IN_FINGERPRINT = ("device", "threads", "progress")
+NOT_IN_FINGERPRINT = ("device", "threads", "progress", "reuse_freed_memory")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    reuse_freed_memory: bool = False  # opt-in, process-wide: see evolq.allocator
     optimizer: str = "evolq"
     passes: int = 10
     evaluations_per_block: int = 4
@@ -146,8 +147,8 @@ def prepare(config: RunConfig, progress: bool = True) -> Prepared:
     """Model, data splits and a calibrated :class:`QuantizedModel` for ``config``."""
     device = _device(config.device)
     quant_config = config.quant_config()
-    if device.type == "cpu":
-        reuse_freed_memory()  # every forward pass below is 1.3-2.8x faster with it (docs/performance.md)
+    if config.reuse_freed_memory:
+        reuse_freed_memory()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
