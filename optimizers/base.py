@@ -23,6 +23,15 @@ Callback = Callable[[int, np.ndarray, float, float], Any]
 HISTORY_COLUMNS = ["evaluation", "value", "best", "seconds"]
 
 
+class InputError(ValueError):
+    """A caller's input that is not allowed (a name, option, budget, start vector, objective's answer).
+
+    One line naming the value and what is allowed. A ``ValueError``, so ``except ValueError``
+    still catches it; its own type lets a caller (the ``evolq`` CLI) tell bad input apart from
+    a bug without ``optimizers`` importing anything of the caller's.
+    """
+
+
 @dataclass
 class Result:
     """Best point of a run, its value, the evaluations spent and one history row per evaluation."""
@@ -41,25 +50,25 @@ def clean_value(value: Any) -> float:
 
 
 def check_positive(name: str, value: Any) -> float:
-    """`value` as a float if it is a finite number > 0, else a one-line ValueError."""
+    """`value` as a float if it is a finite number > 0, else a one-line InputError."""
     ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
     if not (ok and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise InputError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int if it is an integer >= minimum, else a one-line ValueError."""
+    """`value` as an int if it is an integer >= minimum, else a one-line InputError."""
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
     if not (ok and value >= minimum):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """`value` if it is one of `choices`, else a one-line ValueError listing them."""
+    """`value` if it is one of `choices`, else a one-line InputError listing them."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
 
 
@@ -67,7 +76,7 @@ def as_vector(x: Any) -> np.ndarray:
     """A finite, non-empty 1-D float copy of the start vector `x`."""
     vector = np.array(x, dtype=float)
     if vector.ndim != 1 or vector.size == 0 or not np.all(np.isfinite(vector)):
-        raise ValueError(f"x0 must be a non-empty 1-D vector of finite numbers, got shape {vector.shape}")
+        raise InputError(f"x0 must be a non-empty 1-D vector of finite numbers, got shape {vector.shape}")
     return vector
 
 
@@ -131,7 +140,7 @@ class Optimizer(ABC):
         x = np.array(x, dtype=float)
         value = clean_value(value)
         if self.value0_ is None and not np.array_equal(x, self.x0_):
-            raise ValueError("the first tell must be x0's value (ask returned x0); or pass value0 to start")
+            raise InputError("the first tell must be x0's value (ask returned x0); or pass value0 to start")
         if value < self.best_value_:
             self.best_x_, self.best_value_ = x.copy(), value
         if self.value0_ is None:
@@ -178,9 +187,9 @@ class Optimizer(ABC):
         if x0 is None:
             x0 = getattr(f, "x0", None)
             if x0 is None:
-                raise ValueError("x0 is None and the objective has no x0 attribute; pass a start vector")
+                raise InputError("x0 is None and the objective has no x0 attribute; pass a start vector")
         if self.needs_gradient and not callable(getattr(f, "value_and_grad", None)):
-            raise ValueError(f"optimizer '{self.name}' needs an objective with value_and_grad(x) -> "
+            raise InputError(f"optimizer '{self.name}' needs an objective with value_and_grad(x) -> "
                              f"(value, gradient); {type(f).__name__} has none")
         self.start(x0, seed=seed, value0=value0, budget=budget)
         t0 = time.perf_counter()
@@ -214,6 +223,6 @@ def evaluate(f: Objective, batch: list[np.ndarray], gradient: bool) -> tuple[lis
     if len(batch) > 1 and callable(getattr(f, "batch", None)):
         values = np.asarray(f.batch(np.stack(batch)), dtype=float).reshape(-1)  # type: ignore[attr-defined]
         if values.size != len(batch):
-            raise ValueError(f"f.batch returned {values.size} values for {len(batch)} candidates")
+            raise InputError(f"f.batch returned {values.size} values for {len(batch)} candidates")
         return list(values), [None] * len(batch)
     return [f(x.copy()) for x in batch], [None] * len(batch)

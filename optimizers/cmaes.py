@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizers.base import Optimizer, check_int, check_positive, pop_match
+from optimizers.base import InputError, Optimizer, check_int, check_positive, pop_match
 from optimizers.registry import register
 
 
@@ -33,7 +33,7 @@ class CMAES(Optimizer):
     def __init__(self, eps: float = 1e-3, diagonal: bool = True, popsize: int | None = None):
         self.eps = check_positive("eps", eps)
         if not isinstance(diagonal, bool):
-            raise ValueError(f"diagonal must be True or False, got {diagonal!r}")
+            raise InputError(f"diagonal must be True or False, got {diagonal!r}")
         self.diagonal = diagonal
         self.popsize = None if popsize is None else check_int("popsize", popsize, 2)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from optimizers.base import Optimizer, check_choice, check_int, check_positive
+from optimizers.base import InputError, Optimizer, check_choice, check_int, check_positive
 from optimizers.registry import register
 
 EPS_MODES = ("absolute", "relative")
@@ -48,7 +48,7 @@ class EvolutionarySearch(Optimizer):
         self.population = check_int("population", population, 1)
         self.tournament = check_int("tournament", tournament, 1)
         if self.tournament > self.population:
-            raise ValueError(f"tournament must be <= population ({self.population}), got {tournament!r}")
+            raise InputError(f"tournament must be <= population ({self.population}), got {tournament!r}")
         self.eps = check_positive("eps", eps)
         self.eps_mode = check_choice("eps_mode", eps_mode, EPS_MODES)
         self.children_per_step = check_int("children_per_step", children_per_step, 1)

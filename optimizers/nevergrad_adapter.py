@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizers.base import Optimizer, check_int, check_positive, pop_match
+from optimizers.base import InputError, Optimizer, check_int, check_positive, pop_match
 from optimizers.registry import register, unknown_name_message
 
 
@@ -40,7 +40,7 @@ class Nevergrad(Optimizer):
         if optimizer not in registry:
             similar = difflib.get_close_matches(str(optimizer), list(registry), n=3)
             hint = f" (did you mean {', '.join('ng:' + c for c in similar)}?)" if similar else ""
-            raise ValueError(unknown_name_message(f"ng:{optimizer}") + hint)
+            raise InputError(unknown_name_message(f"ng:{optimizer}") + hint)
         self.optimizer = optimizer
         self.name = f"ng:{optimizer}"
         self.eps = check_positive("eps", eps)
