@@ -15,8 +15,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-import optimizers
-
 from evolq.allocator import reuse_freed_memory
 from evolq.data import load_data, stack
 from evolq.errors import UsageError
@@ -68,16 +66,12 @@ class RunConfig:
     def check(self) -> None:
         """Fail on a bad setting now, with one line, rather than after minutes of calibration."""
         self.quant_config()
-        if self.optimizer != "none":
-            try:
-                optimizers.make(self.optimizer)
-            except ValueError as error:
-                raise UsageError(str(error)) from None
         get_loss(self.loss)
         if self.optimizer != "none" and self.selection_size < 1:
             raise UsageError(f"selection size {self.selection_size} is not allowed; allowed: a positive number of "
                              "images (the search picks its best pass on them)")
-        check_search_settings(self.passes, self.evaluations_per_block, self.order)
+        check_search_settings(self.passes, self.evaluations_per_block, self.order,
+                              None if self.optimizer == "none" else self.optimizer)
         if self.eval_size is not None and (isinstance(self.eval_size, bool) or not isinstance(self.eval_size, int)
                                            or self.eval_size < 1):
             raise UsageError(f"eval size {self.eval_size!r} is not allowed; allowed: an integer >= 1 "

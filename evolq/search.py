@@ -64,13 +64,20 @@ class SearchResult:
     passes: list[dict] = field(default_factory=list)
 
 
-def check_search_settings(passes: int, evaluations_per_block: int, order: str) -> None:
-    """One-line errors for passes or evaluations per block below 1 and unknown block orders."""
+def check_search_settings(passes: int, evaluations_per_block: int, order: str, optimizer: str | None = None,
+                          options: dict | None = None) -> None:
+    """One-line :class:`UsageError` for passes or evaluations per block below 1, unknown block orders,
+    and (if given) an optimizer name or options that ``optimizers.make`` refuses."""
     for name, value in (("passes", passes), ("evaluations per block", evaluations_per_block)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} {value!r} is not allowed; allowed: an integer >= 1")
     if order not in ORDERS:
         raise UsageError(f"block order {order!r} is unknown; allowed: {', '.join(ORDERS)}")
+    if optimizer is not None:
+        try:
+            optimizers.make(optimizer, **(options or {}))
+        except optimizers.InputError as error:
+            raise UsageError(str(error)) from None
 
 
 @torch.no_grad()
@@ -119,9 +126,8 @@ def search(
     progress: bool = True,
 ) -> SearchResult:
     """Search every block's scales of a calibrated ``qmodel``; leaves it at the best pass's scales."""
-    check_search_settings(passes, evaluations_per_block, order)
     options = dict(optimizer_options or {})
-    optimizers.make(optimizer, **options)  # fail early on a bad name or option
+    check_search_settings(passes, evaluations_per_block, order, optimizer, options)
     loss_fn = get_loss(loss)
     targets = fp_logits(qmodel, calib_images)
     selection_images, selection_labels = selection
