@@ -80,6 +80,19 @@ def as_vector(x: Any) -> np.ndarray:
     return vector
 
 
+def search_nonnegative(x0: np.ndarray, nonnegative: bool | None) -> bool:
+    """Whether a run from `x0` keeps every coordinate >= 0; None decides from x0 (True where x0 >= 0)."""
+    if nonnegative is None:
+        return bool(np.all(x0 >= 0))
+    if not isinstance(nonnegative, (bool, np.bool_)):
+        raise InputError(f"nonnegative must be True, False or None, got {nonnegative!r}")
+    negative = np.flatnonzero(x0 < 0)
+    if nonnegative and negative.size:
+        raise InputError(f"x0 has a negative value {float(x0[negative[0]])} at index {negative[0]}; nonnegative=True "
+                         "needs x0 >= 0 (or pass nonnegative=False to search all real values)")
+    return bool(nonnegative)
+
+
 def option_names(cls: type) -> list[str]:
     """The keyword options a class's constructor takes, in order."""
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -100,7 +113,7 @@ class Optimizer(ABC):
     """Minimizes an objective over float vectors, by ask/tell or by `minimize`.
 
     Configured by plain constructor keywords (stored under the same names); what a run
-    learns ends in an underscore: `best_x_`, `best_value_`, `value0_`, `rng_`.
+    learns ends in an underscore: `best_x_`, `best_value_`, `value0_`, `rng_`, `nonnegative_`.
     Until x0's value is known, `ask` returns x0 and the first `tell` is taken as its score.
     Subclasses implement `_ask`, and where needed `_reset`, `_ask_batch`, `_tell` and `close`.
     """
@@ -109,13 +122,16 @@ class Optimizer(ABC):
     needs_gradient = False
 
     def start(self, x0: Any, seed: int | None = None, value0: float | None = None,
-              budget: int | None = None) -> "Optimizer":
+              budget: int | None = None, nonnegative: bool | None = None) -> "Optimizer":
         """Reset the state to start from x0; `value0` is x0's known value (then x0 is not re-scored).
 
         `budget` is the number of evaluations the caller plans to spend, for optimizers
-        that plan with it (nevergrad's); it is not enforced here.
+        that plan with it (nevergrad's); it is not enforced here. `nonnegative`: keep every
+        candidate >= 0 (Evol-Q's scales: mutations are reflected at 0, as its abs() does),
+        or search all real values; None (default) keeps them >= 0 exactly when x0 is >= 0.
         """
         self.x0_ = as_vector(x0)
+        self.nonnegative_ = search_nonnegative(self.x0_, nonnegative)
         self.rng_ = np.random.default_rng(seed)
         self.budget_ = None if budget is None else check_int("budget", budget, 1)
         self.best_x_ = self.x0_.copy()
@@ -175,10 +191,12 @@ class Optimizer(ABC):
         return f"{type(self).__name__}({params})"
 
     def minimize(self, f: Objective, x0: Any, budget: int, seed: int | None = None,
-                 callback: Callback | None = None, *, value0: float | None = None) -> Result:
+                 callback: Callback | None = None, *, value0: float | None = None,
+                 nonnegative: bool | None = None) -> Result:
         """Minimize `f` from `x0` (None: `f.x0`) with at most `budget` evaluations, x0's first score included.
 
-        With `value0` (x0's known value) x0 is not scored and costs nothing. Batches go
+        With `value0` (x0's known value) x0 is not scored and costs nothing. `nonnegative`:
+        see `start`; `Result.info["nonnegative"]` says which it was. Batches go
         to `f.batch` when there is more than one candidate and `f` has it; the last batch
         is cut to the budget. `callback(evaluation, x, value, best)` runs after each
         evaluation; a true return value stops the run after the current batch.
@@ -191,7 +209,7 @@ class Optimizer(ABC):
         if self.needs_gradient and not callable(getattr(f, "value_and_grad", None)):
             raise InputError(f"optimizer '{self.name}' needs an objective with value_and_grad(x) -> "
                              f"(value, gradient); {type(f).__name__} has none")
-        self.start(x0, seed=seed, value0=value0, budget=budget)
+        self.start(x0, seed=seed, value0=value0, budget=budget, nonnegative=nonnegative)
         t0 = time.perf_counter()
         rows: list[tuple[int, float, float, float]] = []
         stop = False
@@ -210,7 +228,7 @@ class Optimizer(ABC):
         finally:
             self.close()
         info = {"optimizer": self.name, "options": self.get_params(), "seed": seed,
-                "value0": self.value0_, "stopped_by_callback": stop}
+                "value0": self.value0_, "nonnegative": self.nonnegative_, "stopped_by_callback": stop}
         return Result(x=self.best_x_.copy(), value=self.best_value_, evaluations=len(rows),
                       history=pd.DataFrame(rows, columns=HISTORY_COLUMNS), info=info)
 

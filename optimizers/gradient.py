@@ -1,7 +1,8 @@
 """Adam on the objective's own gradient: the reference point for the gradient-free optimizers.
 
 The objective must offer `value_and_grad(x) -> (value, gradient)`; each call is one
-evaluation. Scales stay positive: after each step x = max(x, floor). The first ask is
+evaluation. Scales stay positive: after each step x = max(x, floor) (not from a start with
+negative values, or with nonnegative=False). The first ask is
 x0 even when its value is known, because its gradient is needed.
 A NaN/inf value or gradient sends the search back to the best point with half the step.
 """
@@ -62,4 +63,5 @@ class Adam(Optimizer):
         self.v_ = beta2 * self.v_ + (1 - beta2) * grad**2
         m_hat = self.m_ / (1 - beta1**self.t_)
         v_hat = self.v_ / (1 - beta2**self.t_)
-        self.x_ = np.maximum(x - self.step_size_ * m_hat / (np.sqrt(v_hat) + self.adam_eps), self.floor)
+        step = x - self.step_size_ * m_hat / (np.sqrt(v_hat) + self.adam_eps)
+        self.x_ = np.maximum(step, self.floor) if self.nonnegative_ else step

@@ -62,7 +62,7 @@ def make(name: str, **options: Any) -> Optimizer:
 
 def minimize(f: Objective, x0: Any, budget: int, optimizer: str | Optimizer = "evolq",
              seed: int | None = None, callback: Callback | None = None, *,
-             value0: float | None = None, **options: Any) -> Result:
+             value0: float | None = None, nonnegative: bool | None = None, **options: Any) -> Result:
     """Minimize `f` from `x0` within `budget` evaluations with the optimizer named `optimizer`
     (or an Optimizer instance), configured by `options`; see `Optimizer.minimize`."""
     if isinstance(optimizer, Optimizer):
@@ -70,4 +70,4 @@ def minimize(f: Objective, x0: Any, budget: int, optimizer: str | Optimizer = "e
             raise InputError(f"options {sorted(options)} need an optimizer name, not an instance")
     else:
         optimizer = make(optimizer, **options)
-    return optimizer.minimize(f, x0, budget, seed=seed, callback=callback, value0=value0)
+    return optimizer.minimize(f, x0, budget, seed=seed, callback=callback, value0=value0, nonnegative=nonnegative)
