@@ -50,10 +50,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from evolq.allocator import reuse_freed_memory
+from evolq.evaluate import top1
 from evolq.files import write_json
 from evolq.losses import get_loss
 from evolq.objective import BlockObjective, fp_logits
-from evolq.qmodel import QuantizedModel, batches
+from evolq.qmodel import QuantizedModel
 from evolq.quant import kernels
 
 RESULTS = Path(__file__).resolve().parent / "results" / "objective.json"
@@ -191,7 +192,7 @@ def reference_loss(qmodel: QuantizedModel, block_index: int, x: np.ndarray, imag
     layers = qmodel.weight_layers()
     losses = []
     with grad_mode(), plain_arithmetic(qmodel) if plain else nullcontext():
-        for images_batch, targets_batch in zip(batches(images, batch_size), batches(targets, batch_size)):
+        for images_batch, targets_batch in zip(images.split(batch_size), targets.split(batch_size)):
             if requantize:
                 for layer in layers:
                     layer.invalidate()
@@ -485,7 +486,7 @@ def run_case(case: dict, settings: dict, device: torch.device, peak: MatmulPeak,
     lever_rows: list[dict] = []
     weight_cache = 0
     with torch.no_grad():
-        inputs = [qmodel.prefix(batch, 0) for batch in batches(images, BATCH)]
+        inputs = [qmodel.prefix(batch, 0) for batch in images.split(BATCH)]
     for k in range(depth):
         block = qmodel.block(k)
         x0 = block.scales()
@@ -560,7 +561,7 @@ def run_case(case: dict, settings: dict, device: torch.device, peak: MatmulPeak,
     if device.type == "cuda":
         summary["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     if case["test"] is not None:
-        summary.update(top1(qmodel, case["test"], device))
+        summary.update(top1_fp32_and_bf16(qmodel, case["test"], device))
     return dict(case=case["name"], model=case["model"], weights=case["weights"], images_source=case["source"],
                 calibration_images=case["calib"], calibrate_s=case["calibrate_s"], summary=summary, blocks=rows,
                 levers=lever_rows)
@@ -578,18 +579,16 @@ def bf16_row(f32: BlockObjective, x: np.ndarray, device: torch.device) -> dict:
                 fp32_exact_after_bf16=bool(again == ref))  # a bf16 objective leaves the fp32 path exact
 
 
-@torch.inference_mode()
-def top1(qmodel: QuantizedModel, test: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict:
+def top1_fp32_and_bf16(qmodel: QuantizedModel, test: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict:
     """Top-1 (percent) of the quantized model on test images: fp32, and every block under bf16 autocast."""
-    images, labels = test[0].to(device), test[1].to(device)
     out = {}
     for name, dtype in (("top1_fp32", torch.float32), ("top1_bf16", torch.bfloat16)):
-        logits = []
-        for chunk in batches(images, BATCH):
+        def forward(chunk: torch.Tensor, dtype: torch.dtype = dtype) -> torch.Tensor:
             h = qmodel.prefix(chunk, 0).to(dtype)  # the embedding in fp32, as a block-0 objective caches it
             with torch.autocast(device.type, dtype=torch.bfloat16) if dtype != torch.float32 else nullcontext():
-                logits.append(qmodel.suffix(h, 0).float())
-        out[name] = 100.0 * float((torch.cat(logits).argmax(-1) == labels).float().mean())
+                return qmodel.suffix(h, 0).float()
+
+        out[name] = top1(forward, test, BATCH, device=device)
     return out
 
 

@@ -39,6 +39,7 @@ import pandas as pd
 
 from optimizers.base import InputError
 from optimizers.executors import Executor, make_executor
+from optimizers.files import atomic_path
 from optimizers.problems import make_problem
 from optimizers.registry import make
 
@@ -135,19 +136,6 @@ def load(out: str | os.PathLike) -> pd.DataFrame:
     return frame.merge(finished, on=list(KEY))
 
 
-def _save(frame: pd.DataFrame, out: Path) -> None:
-    """Replace ``out`` by ``frame`` atomically: write a temporary file, flush it to disk, rename."""
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", newline="") as handle:
-            frame.to_csv(handle, index=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def compare(
     problems: Mapping[str, Any],
     optimizers: Iterable[str] | Mapping[str, str | tuple[str, Mapping[str, Any]]],
@@ -203,7 +191,8 @@ def compare(
         count += 1
         parts.append(rows)
         if out is not None:
-            _save(pd.concat(parts, ignore_index=True), out)
+            with atomic_path(out) as temporary:
+                pd.concat(parts, ignore_index=True).to_csv(temporary, index=False)
         final = rows.iloc[-1]
         _say(progress, f"compare: [{count}/{len(cells)}] {cell.problem} / {cell.optimizer} / seed {cell.seed}: "
                        f"best {final['value']:.6g} after {final['evaluation']} evaluations, {final['seconds']:.1f} s")

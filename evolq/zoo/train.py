@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from evolq.data import load_fmnist
+from evolq.evaluate import top1
 from evolq.files import atomic_path, save_tensors, sha256, write_json
 from evolq.zoo import DEFAULT_ARCH, DEFAULT_CARD, DEFAULT_CHECKPOINT, default_architecture
 
@@ -50,17 +51,6 @@ def _augment(images: torch.Tensor, padding: int, generator: torch.Generator) -> 
     flip = torch.rand(n, generator=generator) < 0.5
     cropped[flip] = cropped[flip].flip(-1)
     return cropped
-
-
-@torch.inference_mode()
-def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    correct = sum(
-        (model(images[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size]).sum().item()
-        for i in range(0, len(images), batch_size)
-    )
-    return 100.0 * correct / len(images)
 
 
 def train_default(recipe: Recipe = Recipe(), out: str | Path = DEFAULT_OUT, data_dir: str | None = None) -> dict:
@@ -106,7 +96,7 @@ def train_default(recipe: Recipe = Recipe(), out: str | Path = DEFAULT_OUT, data
             optimizer.step()
             schedule.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        accuracy = top1(model, test_x, test_y)
+        accuracy = top1(model.eval(), (test_x, test_y))
         log.append(accuracy)
         print(f"epoch {epoch + 1}/{recipe.epochs}: test top-1 {accuracy:.2f}%", flush=True)
         with atomic_path(state_file) as tmp:
