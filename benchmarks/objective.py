@@ -50,10 +50,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from evolq.allocator import reuse_freed_memory
+from evolq.evaluate import top1
 from evolq.files import write_json
 from evolq.losses import get_loss
 from evolq.objective import BlockObjective, fp_logits
-from evolq.qmodel import QuantizedModel, batches
+from evolq.qmodel import QuantizedModel
 from evolq.quant import kernels
 from evolq.quant.config import QuantConfig
 
@@ -192,7 +193,7 @@ def reference_loss(qmodel: QuantizedModel, block_index: int, x: np.ndarray, imag
     layers = qmodel.weight_layers()
     losses = []
     with grad_mode(), plain_arithmetic(qmodel) if plain else nullcontext():
-        for images_batch, targets_batch in zip(batches(images, batch_size), batches(targets, batch_size)):
+        for images_batch, targets_batch in zip(images.split(batch_size), targets.split(batch_size)):
             if requantize:
                 for layer in layers:
                     layer.invalidate()
@@ -305,12 +306,8 @@ def malloc_lever(case: str, block: int, images: int, settings: dict, args: argpa
 
 def malloc_probe(args: argparse.Namespace, settings: dict) -> int:
     """Child of :func:`malloc_lever`: time one block's evaluations with glibc's allocator kept or as started."""
-    import evolq.objective
-
     if args.probe_malloc == "on":
         reuse_freed_memory()
-    else:
-        evolq.objective.reuse_freed_memory = lambda: False  # BlockObjective would otherwise apply it
     case = build_case(args.cases, settings, torch.device("cpu"), args.seed, args.placement)
     images = case["images"][: args.probe_images]
     block = int(args.blocks)
@@ -491,7 +488,7 @@ def run_case(case: dict, settings: dict, device: torch.device, peak: MatmulPeak,
     lever_rows: list[dict] = []
     weight_cache = 0
     with torch.no_grad():
-        inputs = [qmodel.prefix(batch, 0) for batch in batches(images, BATCH)]
+        inputs = [qmodel.prefix(batch, 0) for batch in images.split(BATCH)]
     for k in range(depth):
         block = qmodel.block(k)
         x0 = block.scales()
@@ -566,7 +563,7 @@ def run_case(case: dict, settings: dict, device: torch.device, peak: MatmulPeak,
     if device.type == "cuda":
         summary["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     if case["test"] is not None:
-        summary.update(top1(qmodel, case["test"], device))
+        summary.update(top1_fp32_and_bf16(qmodel, case["test"], device))
     return dict(case=case["name"], model=case["model"], weights=case["weights"], images_source=case["source"],
                 calibration_images=case["calib"], calibrate_s=case["calibrate_s"], summary=summary, blocks=rows,
                 levers=lever_rows)
@@ -584,18 +581,16 @@ def bf16_row(f32: BlockObjective, x: np.ndarray, device: torch.device) -> dict:
                 fp32_exact_after_bf16=bool(again == ref))  # a bf16 objective leaves the fp32 path exact
 
 
-@torch.inference_mode()
-def top1(qmodel: QuantizedModel, test: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict:
+def top1_fp32_and_bf16(qmodel: QuantizedModel, test: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict:
     """Top-1 (percent) of the quantized model on test images: fp32, and every block under bf16 autocast."""
-    images, labels = test[0].to(device), test[1].to(device)
     out = {}
     for name, dtype in (("top1_fp32", torch.float32), ("top1_bf16", torch.bfloat16)):
-        logits = []
-        for chunk in batches(images, BATCH):
+        def forward(chunk: torch.Tensor, dtype: torch.dtype = dtype) -> torch.Tensor:
             h = qmodel.prefix(chunk, 0).to(dtype)  # the embedding in fp32, as a block-0 objective caches it
             with torch.autocast(device.type, dtype=torch.bfloat16) if dtype != torch.float32 else nullcontext():
-                logits.append(qmodel.suffix(h, 0).float())
-        out[name] = 100.0 * float((torch.cat(logits).argmax(-1) == labels).float().mean())
+                return qmodel.suffix(h, 0).float()
+
+        out[name] = top1(forward, test, BATCH, device=device)
     return out
 
 
@@ -694,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     if device.type == "cpu":
-        reuse_freed_memory()  # as BlockObjective does; the reference runs under the same allocator
+        reuse_freed_memory()  # opt-in; the levers and the reference all run with it (its own lever: malloc_lever)
     peak_size = settings["peak_size"] * (4 if device.type == "cuda" else 1)
     peak = MatmulPeak(device, size=peak_size, window=settings["peak_window"])
     # bf16 matmuls are ~100x slower than fp32 on CPUs without bf16 units: a small one there.

@@ -20,11 +20,6 @@ from evolq.quant.layers import QuantWeightLayer
 from evolq.quant.quantizer import Log2Quantizer, UniformQuantizer
 
 
-def batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(images), batch_size):
-        yield images[start : start + batch_size]
-
-
 class QuantizedModel(nn.Module):
     """A copy of ``model`` with every quantizable op fake-quantized per ``config``.
 
@@ -92,7 +87,7 @@ class QuantizedModel(nn.Module):
         self._set_mode("observe")
         for layer in self.weight_layers():
             layer.weight_quant.mode = "off"
-        for batch in tqdm(list(batches(images, batch_size)), desc="calibrate", disable=not progress, leave=False):
+        for batch in tqdm(images.split(batch_size), desc="calibrate", disable=not progress, leave=False):
             self._head(self._blocks(self._embed(batch), 0, chunked=False))  # observers see whole batches
         for quantizer in self.quantizers():
             if quantizer.mode == "observe":
