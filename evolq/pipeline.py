@@ -28,6 +28,7 @@ from evolq.quant.config import QuantConfig
 from evolq.search import check_search_settings, search
 
 DEMO_PRESET = "w3a4"
+LEGACY_PLACEMENT = "inputs"  # what runs recorded before the setting existed were quantized with
 PACKAGES = ("evolq", "torch", "timm", "numpy", "nevergrad", "cma")
 # Settings that do not change a run's numbers, so --resume accepts a change of them.
 NOT_IN_FINGERPRINT = ("device", "threads", "progress", "reuse_freed_memory")
@@ -85,7 +86,7 @@ class RunConfig:
         if not isinstance(recorded, dict):
             raise UsageError(f"file {str(path)!r} has no 'config'; allowed: a result.json written by evolq")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in recorded.items() if k in known})
+        return cls(**{"placement": LEGACY_PLACEMENT, **{k: v for k, v in recorded.items() if k in known}})
 
     def with_absolute_paths(self) -> "RunConfig":
         """The same run with its checkpoint and data paths absolute, so ``--config`` works from any folder."""
@@ -226,5 +227,5 @@ def load_quantized(folder: str | Path) -> QuantizedModel:
     result = read_json(folder / "result.json")
     config = RunConfig.from_result(folder / "result.json")
     model = create_model(config.model, config.checkpoint, config.pretrained)
-    qmodel = QuantizedModel(model, QuantConfig(**result["quant_config"]))
+    qmodel = QuantizedModel(model, QuantConfig(**{"placement": LEGACY_PLACEMENT, **result["quant_config"]}))
     return qmodel.load_quant_state(load_tensors(folder / "scales.safetensors"))

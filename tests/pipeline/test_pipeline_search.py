@@ -103,3 +103,14 @@ def test_every_optimizer_runs_the_block_wise_search(qmodel_w4a8, data, optimizer
                          seed=0, progress=False)
     assert found.evaluations == 6 * 3
     assert np.isfinite(found.history["value"]).all()
+
+
+def test_a_run_recorded_before_placements_existed_loads_as_inputs(tmp_path):
+    config = evolq.RunConfig(calib_size=50, selection_size=10, eval_size=20, optimizer="none", placement="inputs",
+                             threads=1)
+    evolq.run_quantize(config, out=tmp_path, progress=False)
+    recorded = json.loads((tmp_path / "result.json").read_text())
+    del recorded["config"]["placement"], recorded["quant_config"]["placement"]  # as earlier versions wrote it
+    (tmp_path / "result.json").write_text(json.dumps(recorded))
+    assert evolq.RunConfig.from_result(tmp_path / "result.json").placement == "inputs"
+    assert evolq.load_quantized(tmp_path).config.placement == "inputs"
