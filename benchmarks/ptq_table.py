@@ -1,4 +1,4 @@
-"""FP and PTQ top-1 of a model at several presets: the README's PTQ table.
+"""FP and PTQ top-1 of a model at several presets: the PTQ table of docs/measurements.md.
 
     python benchmarks/ptq_table.py --presets w8a8,w4a8,w3a8,w4a4,w3a4
 
@@ -22,21 +22,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--placement", default="full", help="full (default) or inputs")
     args = parser.parse_args()
-    rows = []
+    print("| preset | FP top-1 | PTQ top-1 | PTQ - FP | calib infoNCE (PTQ) |")
+    print("|---|---|---|---|---|", flush=True)
+    started_all = time.time()
     for preset in args.presets.split(","):
-        started = time.time()
         prepared = prepare(RunConfig(model=args.model, preset=preset, seed=args.seed, optimizer="none",
                                      placement=args.placement), progress=False)
         with prepared.qmodel.fp():
             fp_top1 = prepared.top1(progress=False)
         ptq_top1 = prepared.top1(progress=False)
         loss = model_loss(prepared.qmodel, prepared.calib_images, fp_logits(prepared.qmodel, prepared.calib_images))
-        rows.append((preset, fp_top1, ptq_top1, ptq_top1 - fp_top1, loss, time.time() - started))
-    print("| preset | FP top-1 | PTQ top-1 | PTQ - FP | calib infoNCE (PTQ) |")
-    print("|---|---|---|---|---|")
-    for preset, fp_top1, ptq_top1, drop, loss, _ in rows:
-        print(f"| {preset} | {fp_top1:.2f} | {ptq_top1:.2f} | {drop:+.2f} | {loss:.4f} |")
-    print(f"total {sum(r[-1] for r in rows):.0f} s")
+        print(f"| {preset} | {fp_top1:.2f} | {ptq_top1:.2f} | {ptq_top1 - fp_top1:+.2f} | {loss:.4f} |", flush=True)
+    print(f"total {time.time() - started_all:.0f} s")
 
 
 if __name__ == "__main__":
