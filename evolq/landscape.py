@@ -18,6 +18,7 @@ import torch
 import landscapes
 from evolq.blocks import Block, check_vector
 from evolq.errors import UsageError
+from evolq.evaluate import top1
 from evolq.files import write_json, write_text
 from evolq.losses import get_loss
 from evolq.objective import BlockObjective
@@ -35,11 +36,9 @@ class BlockTop1:
         self.images, self.labels = images, labels
         self.x0 = block.scales()
 
-    @torch.inference_mode()
     def __call__(self, x: np.ndarray) -> float:
         self.block.set_scales(x)
-        logits = torch.cat([self.qmodel(self.images[i : i + 500]) for i in range(0, len(self.images), 500)])
-        return 100.0 * (logits.argmax(-1) == self.labels).float().mean().item()
+        return top1(self.qmodel, (self.images, self.labels))
 
 
 class RescaledFP:
@@ -80,24 +79,27 @@ def _change_from_start(frame: pd.DataFrame, start: float) -> pd.DataFrame:
 
 def run_landscape(prepared: Prepared, block: int, dims: int = 2, points: int = 21, radius: float | None = None,
                   metric: str = "loss", loss: str = "infonce", reference: bool = False, seed: int = 0,
-                  top1_images: int = 1000, out: str | Path | None = None, progress: bool = True) -> dict:
-    """Slice block ``block``'s objective; write ``landscape.png``, ``landscape.csv``, ``roughness.json``."""
+                  out: str | Path | None = None, progress: bool = True) -> dict:
+    """Slice block ``block``'s objective; write ``landscape.png``, ``landscape.csv``, ``roughness.json``.
+
+    ``metric="top1"`` scores every image of ``prepared.selection`` (``--selection-size``).
+    """
     if dims not in (1, 2):
         raise UsageError(f"--dims {dims!r} is not allowed; allowed: 1 or 2")
     if metric not in METRICS:
         raise UsageError(f"--metric {metric!r} is unknown; allowed: {', '.join(METRICS)}")
     if isinstance(points, bool) or not isinstance(points, int) or points < 5:
         raise UsageError(f"--points {points!r} is not allowed; allowed: an integer >= 5 (roughness needs 5 per axis)")
+    if metric == "top1" and not len(prepared.selection[0]):
+        raise UsageError("--metric top1 needs held-out images; allowed: --selection-size >= 1")
+    if metric == "top1" and reference:
+        raise UsageError("--reference is an FP loss, not a top-1; allowed: --reference with --metric loss")
     chosen = prepared.qmodel.block(block)
     radius = default_eps(chosen.weight_bits) if radius is None else radius
     if not np.isfinite(radius) or radius <= 0:
         raise UsageError(f"--radius {radius!r} is not allowed; allowed: a number > 0")
     objective = BlockObjective(prepared.qmodel, chosen, prepared.calib_images, get_loss(loss))
-    if metric == "top1":
-        images, labels = prepared.selection
-        f = BlockTop1(prepared, chosen, images[:top1_images], labels[:top1_images])
-    else:
-        f = objective
+    f = BlockTop1(prepared, chosen, *prepared.selection) if metric == "top1" else objective
     x0 = objective.x0
     slicer = landscapes.slice_2d if dims == 2 else landscapes.slice_1d
     kwargs = dict(radius=radius, points=points, seed=seed, normalize="absolute", progress=progress)
@@ -107,10 +109,11 @@ def run_landscape(prepared: Prepared, block: int, dims: int = 2, points: int = 2
     # Each surface is shown as its change from the start point, so both share one colour scale.
     frames = {name: _change_from_start(slicer(g, x0, **kwargs), g(x0)) for name, g in surfaces.items()}
     chosen.set_scales(x0)
-    label = f"block {chosen.index} {metric}" + (f" ({loss})" if metric == "loss" else "")
+    measured = f"{loss} loss" if metric == "loss" else "top-1 (%)"
     figure = landscapes.plot_landscape(
         data=frames["quantized"], reference=frames.get("reference"), label=f"quantized {prepared.qmodel.config.name}",
-        reference_label="FP, weights rescaled", title=f"{label}: change from x0, radius {radius:g}", progress=False,
+        reference_label="FP, weights rescaled", value_label=f"change in {measured}",
+        title=f"block {chosen.index} {measured}: change from x0, radius {radius:g}", progress=False,
     )
     summary = {name: landscapes.roughness(df) for name, df in frames.items()}
     summary.update(block=chosen.index, dims=dims, points=points, radius=radius, metric=metric, loss=loss,

@@ -25,6 +25,30 @@ def test_landscape_writes_figure_table_and_roughness(tmp_path):
     assert (out / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_landscape_top1_scores_every_selection_image_and_names_its_axis(tmp_path, monkeypatch):
+    import evolq.landscape
+    import landscapes
+
+    scored, figures = [], []
+    real_top1, real_save = evolq.landscape.top1, landscapes.save_figure
+
+    def counting_top1(model, data, *args, **kwargs):
+        scored.append(len(data[0]))
+        return real_top1(model, data, *args, **kwargs)
+
+    def keeping_save(figure, path):
+        figures.append(figure)
+        return real_save(figure, path)
+
+    monkeypatch.setattr(evolq.landscape, "top1", counting_top1)
+    monkeypatch.setattr(landscapes, "save_figure", keeping_save)
+    assert main(["landscape", "--preset", "w4a8", "--metric", "top1", "--selection-size", "1234", "--dims", "1",
+                 "--points", "5", "--out", str(tmp_path / "land"), *SMALL]) == 0
+    assert scored and set(scored) == {1234}
+    labels = {ax.get_ylabel() for ax in figures[0].axes}
+    assert labels == {"change in top-1 (%)"}
+
+
 def test_compare_on_the_default_model_writes_results_summary_and_figure(tmp_path):
     out = tmp_path / "grid"
     assert main(["compare", "--optimizers", "evolq,random", "--presets", "w4a8", "--seeds", "1", "--passes", "1",

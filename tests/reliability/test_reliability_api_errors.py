@@ -50,7 +50,7 @@ def test_bad_names_and_bits(make, needles):
 
 
 def test_unknown_optimizer_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown optimizer 'foo'; available: evolq, cmaes, random, gradient"):
+    with pytest.raises(optimizers.InputError, match=r"unknown optimizer 'foo'; available: evolq, cmaes, random, gradient"):
         optimizers.make("foo")
 
 
@@ -88,7 +88,7 @@ def test_search_rejects_bad_settings(small, settings, needle):
 
 
 def test_search_rejects_an_unknown_optimizer(small):
-    with pytest.raises(ValueError, match="unknown optimizer 'foo'"):
+    with pytest.raises(UsageError, match="unknown optimizer 'foo'"):  # optimizers' InputError, as evolq's type
         search(small.qmodel, small.calib, small.selection, optimizer="foo", progress=False)
 
 
