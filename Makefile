@@ -1,5 +1,6 @@
 # Set-up and the two jobs of README.md. `make demo` quantizes the embedded default model;
-# `make test` runs the test suite. Both create .venv and install everything on first use.
+# `make test` runs the test suite. Both create .venv and install everything on first use, at the
+# exact versions of constraints.txt (pyproject.toml itself declares only ranges).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,10 +10,10 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 setup: $(VENV)/.installed data
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,distributed]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,distributed]'
 	touch $@
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist, unless EVOLQ_FMNIST_DIR points elsewhere.

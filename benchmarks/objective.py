@@ -4,7 +4,7 @@
     python benchmarks/objective.py --quick         # a smoke run for the test suite (< 60 s)
     python benchmarks/objective.py --device cuda   # where a GPU exists
 
-Cases, both w4a8:
+Cases, both w4a8 (``--placement``: full, the default, or inputs):
   (a) the default model (trained weights from evolq/zoo/fmnist_vit.safetensors where that file
       exists, else timm's random initialisation, seed 0), 1,000 Fashion-MNIST training images;
   (b) timm ``deit_tiny_patch16_224`` with random weights, 256 random 224x224 images.
@@ -50,11 +50,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from evolq.allocator import reuse_freed_memory
+from evolq.evaluate import top1
 from evolq.files import write_json
 from evolq.losses import get_loss
 from evolq.objective import BlockObjective, fp_logits
-from evolq.qmodel import QuantizedModel, batches
+from evolq.qmodel import QuantizedModel
 from evolq.quant import kernels
+from evolq.quant.config import QuantConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "objective.json"
 BATCH = 100  # Evol-Q's calibration batch
@@ -191,7 +193,7 @@ def reference_loss(qmodel: QuantizedModel, block_index: int, x: np.ndarray, imag
     layers = qmodel.weight_layers()
     losses = []
     with grad_mode(), plain_arithmetic(qmodel) if plain else nullcontext():
-        for images_batch, targets_batch in zip(batches(images, batch_size), batches(targets, batch_size)):
+        for images_batch, targets_batch in zip(images.split(batch_size), targets.split(batch_size)):
             if requantize:
                 for layer in layers:
                     layer.invalidate()
@@ -304,13 +306,9 @@ def malloc_lever(case: str, block: int, images: int, settings: dict, args: argpa
 
 def malloc_probe(args: argparse.Namespace, settings: dict) -> int:
     """Child of :func:`malloc_lever`: time one block's evaluations with glibc's allocator kept or as started."""
-    import evolq.objective
-
     if args.probe_malloc == "on":
         reuse_freed_memory()
-    else:
-        evolq.objective.reuse_freed_memory = lambda: False  # BlockObjective would otherwise apply it
-    case = build_case(args.cases, settings, torch.device("cpu"), args.seed)
+    case = build_case(args.cases, settings, torch.device("cpu"), args.seed, args.placement)
     images = case["images"][: args.probe_images]
     block = int(args.blocks)
     f = BlockObjective(case["qmodel"], block, images, targets=fp_logits(case["qmodel"], images, BATCH))
@@ -430,7 +428,7 @@ def compile_lever(qmodel: QuantizedModel, f: BlockObjective, x: np.ndarray, devi
 
 
 # -- one case ---------------------------------------------------------------------------------------
-def build_case(name: str, settings: dict, device: torch.device, seed: int) -> dict:
+def build_case(name: str, settings: dict, device: torch.device, seed: int, placement: str = "full") -> dict:
     """Calibrated QuantizedModel, images, and (trained default model only) test images for top-1."""
     from evolq.models import create_model
     from evolq.zoo import DEFAULT_CHECKPOINT, default_architecture
@@ -462,7 +460,8 @@ def build_case(name: str, settings: dict, device: torch.device, seed: int) -> di
     started = time.perf_counter()
     # Calibration (on the CPU, a small subset) is not what is measured: OMSE's 90-step search per
     # activation quantizer is slow, and the evaluation runs the same ops whatever the scales are.
-    qmodel = QuantizedModel(model, "w4a8").calibrate(images[:calib], batch_size=calib, progress=False)
+    config = QuantConfig.preset("w4a8", placement=placement)
+    qmodel = QuantizedModel(model, config).calibrate(images[:calib], batch_size=calib, progress=False)
     qmodel.to(device)
     for layer in qmodel.weight_layers():
         layer.invalidate()
@@ -489,7 +488,7 @@ def run_case(case: dict, settings: dict, device: torch.device, peak: MatmulPeak,
     lever_rows: list[dict] = []
     weight_cache = 0
     with torch.no_grad():
-        inputs = [qmodel.prefix(batch, 0) for batch in batches(images, BATCH)]
+        inputs = [qmodel.prefix(batch, 0) for batch in images.split(BATCH)]
     for k in range(depth):
         block = qmodel.block(k)
         x0 = block.scales()
@@ -564,7 +563,7 @@ def run_case(case: dict, settings: dict, device: torch.device, peak: MatmulPeak,
     if device.type == "cuda":
         summary["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     if case["test"] is not None:
-        summary.update(top1(qmodel, case["test"], device))
+        summary.update(top1_fp32_and_bf16(qmodel, case["test"], device))
     return dict(case=case["name"], model=case["model"], weights=case["weights"], images_source=case["source"],
                 calibration_images=case["calib"], calibrate_s=case["calibrate_s"], summary=summary, blocks=rows,
                 levers=lever_rows)
@@ -582,18 +581,16 @@ def bf16_row(f32: BlockObjective, x: np.ndarray, device: torch.device) -> dict:
                 fp32_exact_after_bf16=bool(again == ref))  # a bf16 objective leaves the fp32 path exact
 
 
-@torch.inference_mode()
-def top1(qmodel: QuantizedModel, test: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict:
+def top1_fp32_and_bf16(qmodel: QuantizedModel, test: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict:
     """Top-1 (percent) of the quantized model on test images: fp32, and every block under bf16 autocast."""
-    images, labels = test[0].to(device), test[1].to(device)
     out = {}
     for name, dtype in (("top1_fp32", torch.float32), ("top1_bf16", torch.bfloat16)):
-        logits = []
-        for chunk in batches(images, BATCH):
+        def forward(chunk: torch.Tensor, dtype: torch.dtype = dtype) -> torch.Tensor:
             h = qmodel.prefix(chunk, 0).to(dtype)  # the embedding in fp32, as a block-0 objective caches it
             with torch.autocast(device.type, dtype=torch.bfloat16) if dtype != torch.float32 else nullcontext():
-                logits.append(qmodel.suffix(h, 0).float())
-        out[name] = 100.0 * float((torch.cat(logits).argmax(-1) == labels).float().mean())
+                return qmodel.suffix(h, 0).float()
+
+        out[name] = top1(forward, test, BATCH, device=device)
     return out
 
 
@@ -671,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-levers", action="store_true", help="skip the before/after lever measurements")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile of the suffix")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--placement", default="full", help="quantizer placement: full (default) or inputs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--probe-malloc", choices=("off", "on"), help=argparse.SUPPRESS)  # the allocator lever's child
     parser.add_argument("--probe-images", type=int, default=BATCH, help=argparse.SUPPRESS)
@@ -691,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     if device.type == "cpu":
-        reuse_freed_memory()  # as BlockObjective does; the reference runs under the same allocator
+        reuse_freed_memory()  # opt-in; the levers and the reference all run with it (its own lever: malloc_lever)
     peak_size = settings["peak_size"] * (4 if device.type == "cuda" else 1)
     peak = MatmulPeak(device, size=peak_size, window=settings["peak_window"])
     # bf16 matmuls are ~100x slower than fp32 on CPUs without bf16 units: a small one there.
@@ -705,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in cases:
         peak.burst()  # best single readings before and after each case, for the stricter measure
         case_started = time.perf_counter()
-        case = build_case(name, settings, device, args.seed)
+        case = build_case(name, settings, device, args.seed, args.placement)
         results.append(run_case(case, settings, device, peak, blocks, not args.no_levers, args.compile, print, args))
         results[-1]["seconds"] = time.perf_counter() - case_started
         peak.burst()

@@ -20,11 +20,13 @@ def main() -> None:
     parser.add_argument("--presets", default="w8a8,w4a8,w3a8,w4a4,w3a4")
     parser.add_argument("--model", default="default")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--placement", default="full", help="full (default) or inputs")
     args = parser.parse_args()
     rows = []
     for preset in args.presets.split(","):
         started = time.time()
-        prepared = prepare(RunConfig(model=args.model, preset=preset, seed=args.seed, optimizer="none"), progress=False)
+        prepared = prepare(RunConfig(model=args.model, preset=preset, seed=args.seed, optimizer="none",
+                                     placement=args.placement), progress=False)
         with prepared.qmodel.fp():
             fp_top1 = prepared.top1(progress=False)
         ptq_top1 = prepared.top1(progress=False)

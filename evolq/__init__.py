@@ -9,6 +9,7 @@ The quantized model seen as black-box objectives over each attention block's sca
     f(f.x0), f.batch([f.x0, 1.01 * f.x0])
 """
 
+from evolq.allocator import reuse_freed_memory
 from evolq.blocks import Block
 from evolq.data import load_data, load_fmnist
 from evolq.errors import RunError, UsageError
@@ -21,10 +22,10 @@ from evolq.quant.config import PRESETS, QuantConfig
 from evolq.search import SearchResult, search
 from evolq.zoo import load_default
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place of the version: pyproject.toml reads this literal (no import)
 
 __all__ = [
     "Block", "BlockObjective", "LOSSES", "PRESETS", "QuantConfig", "QuantizedModel", "RunConfig", "RunError",
     "SearchResult", "UsageError", "create_model", "fp_logits", "get_loss", "load_data", "load_default",
-    "load_fmnist", "load_quantized", "model_loss", "run_quantize", "search",
+    "load_fmnist", "load_quantized", "model_loss", "reuse_freed_memory", "run_quantize", "search",
 ]

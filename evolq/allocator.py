@@ -1,4 +1,4 @@
-"""Keep freed heap memory for reuse: the cheapest speed-up of CPU inference with many large activations."""
+"""Opt-in: have glibc keep freed heap memory for reuse, a process-wide allocator setting."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ def reuse_freed_memory() -> bool:
 
     Each op of a forward pass allocates its output. By default glibc serves large blocks with
     fresh ``mmap`` pages and unmaps them on free, so every evaluation page-faults (and the kernel
-    zero-fills) its activations again: on 2 CPU cores that costs 1.3x (DeiT-Tiny) to 2.8x (the
-    default model) the CPU time of an evaluation (``docs/performance.md``). With ``mmap`` off and a
-    high trim threshold the same blocks are reused. Results are unchanged; the process keeps its
-    peak heap until it exits. Process-wide and idempotent; ``BlockObjective`` calls it for CPU
-    tensors and ``evolq.pipeline.prepare`` for CPU runs. A no-op (False) where the C library is not glibc.
+    zero-fills) its activations again; with ``mmap`` off and a high trim threshold the same
+    blocks are reused. Results are unchanged. Whether it is faster depends on the machine
+    (measured from 0.87x to 1.6x, ``docs/performance.md``), so nothing in evolq calls it on its
+    own: call it yourself, or pass ``--reuse-freed-memory`` to the ``evolq`` commands.
+
+    It changes the allocator of the whole process, for good: the process keeps its peak heap
+    until it exits, and there is no undo. Idempotent. A no-op (False) where the C library is
+    not glibc.
     """
     global _freed_memory_kept
     if _freed_memory_kept:

@@ -1,7 +1,8 @@
 """The ``evolq`` command: ``quantize``, ``landscape``, ``compare``, ``train-default``.
 
-Exit codes: 0 done, 2 usage error, 1 runtime failure, 130 / 143 interrupted (SIGINT / SIGTERM).
-Errors are one line on stderr; ``--debug`` shows the traceback.
+Exit codes: 0 done, 2 usage error (``UsageError``, ``optimizers.InputError``, argparse's own),
+1 runtime failure or internal error, 130 / 143 interrupted (SIGINT / SIGTERM). Errors are one
+line on stderr; ``--debug`` (before or after the command) shows the traceback.
 """
 
 from __future__ import annotations
@@ -10,14 +11,19 @@ import argparse
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import fields, replace
+from typing import Callable, Sequence
 
+import torch
+
+import evolq
 from evolq.errors import RunError, UsageError
-
-if TYPE_CHECKING:  # imported lazily at run time: `evolq --help` stays fast
-    from evolq.pipeline import RunConfig
+from evolq.pipeline import DEMO_PRESET, RunConfig
+from optimizers import InputError
 
 EXIT_USAGE, EXIT_RUNTIME = 2, 1
+USAGE_ERRORS = (UsageError, InputError)
+RUNTIME_ERRORS = (RunError, OSError, ImportError, MemoryError, torch.OutOfMemoryError)
 
 
 class Terminated(KeyboardInterrupt):
@@ -28,60 +34,92 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signatu
     raise Terminated()
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="'default' (embedded Fashion-MNIST ViT) or a timm vit_*/deit_* name")
+def _add_debug(parser: argparse.ArgumentParser, default: object = False) -> None:
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+
+
+def _add_common(parser: argparse.ArgumentParser, out: str) -> None:
+    """Model, data and quantization options; ``out`` says where the outputs go by default."""
+    parser.add_argument("--model", default="default", help="'default' (default: the embedded Fashion-MNIST ViT) or a timm vit_*/deit_* name")
     parser.add_argument("--checkpoint", help="weights for --model: a safetensors or weights-only torch file")
-    parser.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs them in the local cache)")
-    parser.add_argument("--data", default="fmnist", help="'fmnist' or an ImageNet-style folder with train/ and val/")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="timm's pretrained weights for a timm --model (timm's cache, or a download)")
+    parser.add_argument("--data", default="fmnist", help="'fmnist' (default) or an ImageNet-style folder with train/ and val/")
     parser.add_argument("--data-dir", help="folder of the Fashion-MNIST *-ubyte.gz files (default: $EVOLQ_FMNIST_DIR or the Debian package's)")
-    parser.add_argument("--preset", default=None, help="quantization preset wXaY: w8a8, w4a8, w3a8, w4a4, w3a4, ... (default w4a8)")
     parser.add_argument("--wbits", type=int, help="weight bits, 2..8 (overrides the preset)")
     parser.add_argument("--abits", type=int, help="activation bits, 2..8 (overrides the preset)")
+    parser.add_argument("--placement", default="full",
+                        help="which tensors are quantized: full (default, FQ-ViT's fully quantized ViT as in the paper) "
+                             "or inputs (only the inputs of matmuls and LayerNorms)")
     parser.add_argument("--calib-size", type=int, default=1000, help="calibration images from train (default 1000)")
     parser.add_argument("--selection-size", type=int, default=1000,
                         help="held-out training images: quantize and compare pick the best pass on them, "
                              "landscape --metric top1 scores them (default 1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--loss", default="infonce", help="infonce (default), mse, kl or cosine")
-    parser.add_argument("--out", help="run folder for the outputs")
+    parser.add_argument("--out", help=f"run folder for the outputs (default {out})")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="have glibc reuse freed memory in this process (faster on some machines, "
+                             "slower on others: docs/performance.md)")
+
+
+def _add_preset_and_seed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=DEMO_PRESET,
+                        help=f"quantization preset wXaY: w8a8, w4a8, w3a8, w4a4, w3a4, ... (default {DEMO_PRESET})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data splits and the search (default 0)")
 
 
 def _quantize_parser(commands) -> None:
     parser = commands.add_parser("quantize", help="PTQ-calibrate a ViT and search its quantization scales")
-    _add_common(parser)
+    _add_common(parser, out="runs/<model>-<preset>-<optimizer>-seed<seed>")
+    _add_preset_and_seed(parser)
     parser.add_argument("--optimizer", default="evolq", help="evolq (default), cmaes, random, gradient, ng:<name>, or none (PTQ only)")
     parser.add_argument("--passes", type=int, default=10, help="sweeps over all blocks (default 10)")
     parser.add_argument("--evaluations-per-block", type=int, default=4, help="objective evaluations per block visit (default 4)")
-    parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only")
+    parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only (default: all)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--config", help="re-run the configuration recorded in a result.json (other options are ignored)")
+    parser.add_argument("--config", help="re-run the configuration recorded in a result.json; "
+                                         "options given here replace the recorded ones")
     parser.set_defaults(handler=_quantize)
 
 
 def _config(args: argparse.Namespace, **extra) -> RunConfig:
     """The run configuration named by the model, data and quantization options."""
-    from evolq.pipeline import DEMO_PRESET, RunConfig
-
     settings = dict(
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
-        data_dir=args.data_dir, preset=args.preset or DEMO_PRESET, wbits=args.wbits, abits=args.abits,
-        calib_size=args.calib_size, selection_size=args.selection_size, seed=args.seed, device=args.device,
-        loss=args.loss,
+        data_dir=args.data_dir, wbits=args.wbits, abits=args.abits, calib_size=args.calib_size,
+        selection_size=args.selection_size, device=args.device, loss=args.loss, placement=args.placement,
+        reuse_freed_memory=args.reuse_freed_memory,
     )
     return RunConfig(**{**settings, **extra})
 
 
+def given_options(argv: Sequence[str]) -> set[str]:
+    """The destinations of the options typed in ``argv``, as opposed to those left at their default.
+
+    argparse does not tell the two apart, so ``argv`` is parsed again by a parser whose every
+    default is suppressed: only typed options reach its namespace.
+    """
+    shadow = build_parser()
+    parsers = [shadow]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:  # argparse offers no public list of a parser's options
+            action.default = argparse.SUPPRESS
+            if isinstance(action.choices, dict):  # the subcommands
+                parsers.extend(action.choices.values())
+    return set(vars(shadow.parse_args(argv))) - {"handler", "command"}
+
+
 def _quantize(args: argparse.Namespace) -> int:
-    from evolq.pipeline import RunConfig, run_quantize
+    from evolq.pipeline import run_quantize
 
     if args.config:
-        config = RunConfig.from_result(args.config)
+        typed = given_options(args.argv) & {f.name for f in fields(RunConfig)}
+        config = replace(RunConfig.from_result(args.config), **{name: getattr(args, name) for name in typed})
     else:
-        config = _config(
-            args, eval_size=args.eval_size, optimizer=args.optimizer,
-            passes=args.passes, evaluations_per_block=args.evaluations_per_block,
-        )
+        config = _config(args, preset=args.preset, seed=args.seed, eval_size=args.eval_size, optimizer=args.optimizer,
+                         passes=args.passes, evaluations_per_block=args.evaluations_per_block)
     out = args.out or f"runs/{config.model}-{config.quant_config().name}-{config.optimizer}-seed{config.seed}"
     result = run_quantize(config, out=out, resume=args.resume)
     _print_table(result)
@@ -91,12 +129,13 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _landscape_parser(commands) -> None:
     parser = commands.add_parser("landscape", help="slice one block's loss surface and measure its roughness")
-    _add_common(parser)
+    _add_common(parser, out="runs/landscape-<preset>-block<block>")
+    _add_preset_and_seed(parser)
     parser.add_argument("--block", type=int, default=-1, help="block index (default -1, the last)")
     parser.add_argument("--dims", type=int, default=2, help="1 or 2 (default 2)")
-    parser.add_argument("--points", type=int, default=21, help="grid points per axis (default 21)")
+    parser.add_argument("--points", type=int, default=21, help="grid points per axis, at least 5 (default 21)")
     parser.add_argument("--radius", type=float, help="offset range in scale units (default: the paper's mutation size)")
-    parser.add_argument("--metric", default="loss", help="loss (default) or top1 (on held-out training images)")
+    parser.add_argument("--metric", default="loss", help="loss (default) or top1 (on the --selection-size held-out training images)")
     parser.add_argument("--reference", action="store_true", help="also slice a smooth reference: FP loss with rescaled weights")
     parser.set_defaults(handler=_landscape)
 
@@ -107,7 +146,8 @@ def _landscape(args: argparse.Namespace) -> int:
     from evolq.pipeline import prepare
 
     # Only --metric top1 looks at the selection images: a loss slice leaves them in the training set.
-    config = _config(args, optimizer="none", **({} if args.metric == "top1" else {"selection_size": 0}))
+    config = _config(args, preset=args.preset, seed=args.seed, optimizer="none",
+                     **({} if args.metric == "top1" else {"selection_size": 0}))
     out = args.out or f"runs/landscape-{config.quant_config().name}-block{args.block}"
     writable_folder(out)
     summary = run_landscape(
@@ -134,20 +174,22 @@ def _print_table(result: dict) -> None:
 
 def _compare_parser(commands) -> None:
     parser = commands.add_parser("compare", help="compare optimizers on the same objectives, locally or on Ray")
-    _add_common(parser)
+    _add_common(parser, out="runs/compare")
     parser.add_argument("--optimizers", default="evolq,cmaes,ng:OnePlusOne,random",
-                        help="comma-separated names (see docs/optimizers.md)")
-    parser.add_argument("--presets", default="w4a8", help="comma-separated presets, one problem each")
-    parser.add_argument("--problem", help="a synthetic problem instead of the model: jagged, sphere, rastrigin, ng:<name>")
-    parser.add_argument("--dim", type=int, default=64, help="dimension of a synthetic problem")
-    parser.add_argument("--budget", type=int, help="evaluations per cell (default: passes x blocks x evaluations per block)")
+                        help="comma-separated names (default evolq,cmaes,ng:OnePlusOne,random; see docs/optimizers.md)")
+    parser.add_argument("--presets", default="w4a8", help="comma-separated presets, one problem each (default w4a8)")
+    parser.add_argument("--problem", help="a synthetic problem instead of the model: jagged, sphere, rastrigin, ng:<name> "
+                                          "(the model and data options are then unused)")
+    parser.add_argument("--dim", type=int, default=64, help="dimension of a synthetic problem (default 64)")
+    parser.add_argument("--budget", type=int, help="evaluations per cell (default: passes x blocks x evaluations "
+                                                   "per block; 200 for a synthetic --problem)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default 3)")
-    parser.add_argument("--passes", type=int, default=10)
-    parser.add_argument("--evaluations-per-block", type=int, default=4)
+    parser.add_argument("--passes", type=int, default=10, help="sweeps over all blocks (default 10)")
+    parser.add_argument("--evaluations-per-block", type=int, default=4, help="objective evaluations per block visit (default 4)")
     parser.add_argument("--executor", default="local", help="local (default) or ray")
-    parser.add_argument("--workers", type=int, default=1, help="cells run in parallel")
+    parser.add_argument("--workers", type=int, default=1, help="cells run in parallel (default 1)")
     parser.add_argument("--address", help="Ray cluster address to join (default: start a local one)")
-    parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only")
+    parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only (default: all)")
     parser.set_defaults(handler=_compare)
 
 
@@ -180,20 +222,25 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _train_parser(commands) -> None:
-    parser = commands.add_parser("train-default", help="train the embedded default model (resumable)")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work-dir", default="runs/train-default")
-    parser.add_argument("--data-dir")
+    from evolq.zoo.train import DEFAULT_OUT, Recipe
+
+    parser = commands.add_parser("train-default", help="train the default model into a run folder (resumable)")
+    parser.add_argument("--epochs", type=int, default=Recipe.epochs, help=f"training epochs (default {Recipe.epochs})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"run folder for the checkpoint, its model card and the resumable state (default {DEFAULT_OUT})")
+    parser.add_argument("--data-dir", help="folder of the Fashion-MNIST *-ubyte.gz files (default: $EVOLQ_FMNIST_DIR or the Debian package's)")
     parser.set_defaults(handler=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from evolq.files import writable_folder
     from evolq.zoo.train import Recipe, train_default
 
-    recipe = Recipe(seed=args.seed) if args.epochs is None else Recipe(seed=args.seed, epochs=args.epochs)
-    card = train_default(recipe, work_dir=args.work_dir, data_dir=args.data_dir)
+    writable_folder(args.out)
+    card = train_default(Recipe(seed=args.seed, epochs=args.epochs), out=args.out, data_dir=args.data_dir)
     print(f"test top-1 {card['test_top1']:.2f}%  sha256 {card['sha256']}")
+    print(f"wrote {card['checkpoint']}: use it with --model default --checkpoint {card['checkpoint']}")
     return 0
 
 
@@ -202,15 +249,25 @@ SUBCOMMANDS: list[Callable] = [_quantize_parser, _landscape_parser, _compare_par
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evolq", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {evolq.__version__}")
+    _add_debug(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(commands)
+    for command in commands.choices.values():
+        _add_debug(command, default=argparse.SUPPRESS)  # set only when typed, so `evolq --debug quantize` keeps it
     return parser
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.argv = argv
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.handler(args)
@@ -220,15 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evolq: interrupted; the last checkpoint is kept (use --resume)", file=sys.stderr)
         return 130
-    except (UsageError, RunError, ValueError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - every failure is one line; the traceback with --debug
         if args.debug:
             raise
-        print(f"evolq: error: {error}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(error, (UsageError, ValueError)) else EXIT_RUNTIME
-    except Exception as error:  # noqa: BLE001 - unexpected: one line, traceback with --debug
-        if args.debug:
-            raise
-        print(f"evolq: failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+        if isinstance(error, USAGE_ERRORS + RUNTIME_ERRORS):
+            print(f"evolq: error: {error}", file=sys.stderr)
+            return EXIT_USAGE if isinstance(error, USAGE_ERRORS) else EXIT_RUNTIME
+        print(f"evolq: internal error: {type(error).__name__}: {_first_line(error)}; please report it "
               "(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_RUNTIME
 

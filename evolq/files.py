@@ -1,4 +1,5 @@
-"""Atomic writes: a result file is either the old one or the new one, never half of each."""
+"""Run files: atomic writes (a result file is either the old one or the new one, never half of each),
+JSON and tensors, with one-line errors."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,32 +15,22 @@ import torch
 from safetensors.torch import load_file, save
 
 from evolq.errors import RunError, UsageError
+from optimizers.files import TEMPORARY_NAME
+from optimizers.files import atomic_path as _atomic_path
 
 # What a killed write leaves: ours (``atomic_path``) and the safetensors writer's own.
-_LEFT_BY_A_KILLED_WRITE = re.compile(r"\..+\.[A-Za-z0-9_]{6,}\.tmp|\.tmp[A-Za-z0-9_]{6}")
+_LEFT_BY_A_KILLED_WRITE = re.compile(f"{TEMPORARY_NAME.pattern}|\\.tmp[A-Za-z0-9_]{{6}}")
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds."""
-    path = Path(path)
+    """:func:`optimizers.files.atomic_path`: a temporary path beside ``path``, renamed onto it when the
+    block succeeds; a folder that cannot be written is a :class:`RunError` naming it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with _atomic_path(path) as tmp:
+            yield tmp
     except OSError as error:
-        raise RunError(f"cannot write to folder {str(path.parent)!r}: {error.strerror}") from None
-    os.close(handle)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and some writers) make 0600; results are ordinary files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        raise RunError(f"cannot write to folder {str(Path(path).parent)!r}: {error.strerror or error}") from None
 
 
 def writable_folder(path: str | os.PathLike) -> Path:

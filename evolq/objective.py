@@ -17,11 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evolq.allocator import reuse_freed_memory
 from evolq.blocks import Block, check_vector
 from evolq.errors import UsageError
 from evolq.losses import Loss, get_loss
-from evolq.qmodel import QuantizedModel, batches
+from evolq.qmodel import QuantizedModel
 
 DEFAULT_BATCH = 100
 DTYPES = (torch.float32, torch.bfloat16)
@@ -35,7 +34,7 @@ def fp_logits(qmodel: QuantizedModel, images: torch.Tensor, batch_size: int = DE
     gradient baseline can use them too.
     """
     with qmodel.fp():
-        return torch.cat([qmodel(batch) for batch in batches(images, batch_size)])
+        return torch.cat([qmodel(batch) for batch in images.split(batch_size)])
 
 
 @torch.inference_mode()
@@ -43,8 +42,8 @@ def model_loss(qmodel: QuantizedModel, images: torch.Tensor, targets: torch.Tens
                batch_size: int = DEFAULT_BATCH) -> float:
     """Mean per-batch loss of the quantized model as it stands (a full forward pass)."""
     loss = get_loss(loss)
-    return float(torch.stack([loss(qmodel(x), t) for x, t in zip(batches(images, batch_size),
-                                                                   batches(targets, batch_size))]).mean())
+    return float(torch.stack([loss(qmodel(x), t) for x, t in zip(images.split(batch_size),
+                                                                   targets.split(batch_size))]).mean())
 
 
 class BlockObjective:
@@ -85,8 +84,6 @@ class BlockObjective:
     ) -> None:
         if dtype not in DTYPES:
             raise UsageError(f"objective dtype {dtype} is not supported; allowed: torch.float32 (default) or torch.bfloat16")
-        if images.device.type == "cpu":
-            reuse_freed_memory()
         self.qmodel = qmodel
         self.dtype = dtype
         self.block = block if isinstance(block, Block) else qmodel.block(block)
@@ -109,10 +106,10 @@ class BlockObjective:
         self._targets = self.target_batches()
 
     def image_batches(self) -> list[torch.Tensor]:
-        return list(batches(self.images, self.batch_size))
+        return list(self.images.split(self.batch_size))
 
     def target_batches(self) -> list[torch.Tensor]:
-        return list(batches(self.targets, self.batch_size))
+        return list(self.targets.split(self.batch_size))
 
     @property
     def cache_bytes(self) -> int:

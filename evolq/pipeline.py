@@ -15,8 +15,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-import optimizers
-
 from evolq.allocator import reuse_freed_memory
 from evolq.data import load_data, stack
 from evolq.errors import UsageError
@@ -32,7 +30,7 @@ from evolq.search import check_search_settings, search
 DEMO_PRESET = "w3a4"
 PACKAGES = ("evolq", "torch", "timm", "numpy", "nevergrad", "cma")
 # Settings that do not change a run's numbers, so --resume accepts a change of them.
-NOT_IN_FINGERPRINT = ("device", "threads", "progress")
+NOT_IN_FINGERPRINT = ("device", "threads", "progress", "reuse_freed_memory")
 
 
 @dataclass
@@ -47,12 +45,14 @@ class RunConfig:
     preset: str = DEMO_PRESET
     wbits: int | None = None
     abits: int | None = None
+    placement: str = "full"
     calib_size: int = 1000
     selection_size: int = 1000
     eval_size: int | None = None
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    reuse_freed_memory: bool = False  # opt-in, process-wide: see evolq.allocator
     optimizer: str = "evolq"
     passes: int = 10
     evaluations_per_block: int = 4
@@ -62,21 +62,17 @@ class RunConfig:
     def quant_config(self) -> QuantConfig:
         base = QuantConfig.preset(self.preset)
         return base.with_(wbits=base.wbits if self.wbits is None else self.wbits,
-                          abits=base.abits if self.abits is None else self.abits)
+                          abits=base.abits if self.abits is None else self.abits, placement=self.placement)
 
     def check(self) -> None:
         """Fail on a bad setting now, with one line, rather than after minutes of calibration."""
         self.quant_config()
-        if self.optimizer != "none":
-            try:
-                optimizers.make(self.optimizer)
-            except ValueError as error:
-                raise UsageError(str(error)) from None
         get_loss(self.loss)
         if self.optimizer != "none" and self.selection_size < 1:
             raise UsageError(f"selection size {self.selection_size} is not allowed; allowed: a positive number of "
                              "images (the search picks its best pass on them)")
-        check_search_settings(self.passes, self.evaluations_per_block, self.order)
+        check_search_settings(self.passes, self.evaluations_per_block, self.order,
+                              None if self.optimizer == "none" else self.optimizer)
         if self.eval_size is not None and (isinstance(self.eval_size, bool) or not isinstance(self.eval_size, int)
                                            or self.eval_size < 1):
             raise UsageError(f"eval size {self.eval_size!r} is not allowed; allowed: an integer >= 1 "
@@ -146,8 +142,8 @@ def prepare(config: RunConfig, progress: bool = True) -> Prepared:
     """Model, data splits and a calibrated :class:`QuantizedModel` for ``config``."""
     device = _device(config.device)
     quant_config = config.quant_config()
-    if device.type == "cpu":
-        reuse_freed_memory()  # every forward pass below is 1.3-2.8x faster with it (docs/performance.md)
+    if config.reuse_freed_memory:
+        reuse_freed_memory()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

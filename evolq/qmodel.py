@@ -20,11 +20,6 @@ from evolq.quant.layers import QuantWeightLayer
 from evolq.quant.quantizer import Log2Quantizer, UniformQuantizer
 
 
-def batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(images), batch_size):
-        yield images[start : start + batch_size]
-
-
 class QuantizedModel(nn.Module):
     """A copy of ``model`` with every quantizable op fake-quantized per ``config``.
 
@@ -92,8 +87,8 @@ class QuantizedModel(nn.Module):
         self._set_mode("observe")
         for layer in self.weight_layers():
             layer.weight_quant.mode = "off"
-        for batch in tqdm(list(batches(images, batch_size)), desc="calibrate", disable=not progress, leave=False):
-            self.model(batch)
+        for batch in tqdm(images.split(batch_size), desc="calibrate", disable=not progress, leave=False):
+            self._head(self._blocks(self._embed(batch), 0, chunked=False))  # observers see whole batches
         for quantizer in self.quantizers():
             if quantizer.mode == "observe":
                 quantizer.finish_calibration()
@@ -116,8 +111,16 @@ class QuantizedModel(nn.Module):
         return self.suffix(self._embed(x), 0)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the first block (with the quantized position embedding of "full")."""
         model = self.model
-        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        patches = model.patch_embed(x)
+        embedding = getattr(model, "quant_embedding", None)
+        tokens = model._pos_embed(patches) if embedding is None else embedding(model, patches)
+        return model.norm_pre(model.patch_drop(tokens))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from the residual stream leaving the last block."""
+        return self.model.forward_head(self.model.norm(h))
 
     def _chunks(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``h`` split into the image chunks that the blocks run on (see ``CHUNK_ELEMENTS``)."""
@@ -128,9 +131,9 @@ class QuantizedModel(nn.Module):
         count = math.ceil(len(h) * tokens * widest / self.CHUNK_ELEMENTS)  # chunks of equal size
         return h.split(math.ceil(len(h) / count)) if count > 1 else (h,)
 
-    def _blocks(self, h: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+    def _blocks(self, h: torch.Tensor, start: int, stop: int | None = None, chunked: bool = True) -> torch.Tensor:
         chunks = []
-        for chunk in self._chunks(h):
+        for chunk in self._chunks(h) if chunked else (h,):
             for module in self.model.blocks[start:stop]:
                 chunk = module(chunk)
             chunks.append(chunk)
@@ -149,8 +152,7 @@ class QuantizedModel(nn.Module):
 
     def suffix(self, h: torch.Tensor, block: int) -> torch.Tensor:
         """Logits from the residual stream entering block ``block``."""
-        model = self.model
-        return model.forward_head(model.norm(self._blocks(h, block)))
+        return self._head(self._blocks(h, block))
 
     def block(self, index: int) -> Block:
         """Block ``index``; negative indices count from the end."""

@@ -24,9 +24,10 @@ from tqdm import tqdm
 import optimizers
 from evolq.checkpoint import SearchCheckpoint
 from evolq.errors import UsageError
+from evolq.evaluate import batch_outputs, percent_correct
 from evolq.losses import get_loss
 from evolq.objective import DEFAULT_BATCH, BlockObjective, fp_logits, model_loss
-from evolq.qmodel import QuantizedModel, batches
+from evolq.qmodel import QuantizedModel
 
 ORDERS = ("reverse", "forward")
 PASS_CACHE_BYTES = 2**30  # most memory spent on every block's inputs at once (else each visit computes its own)
@@ -64,13 +65,20 @@ class SearchResult:
     passes: list[dict] = field(default_factory=list)
 
 
-def check_search_settings(passes: int, evaluations_per_block: int, order: str) -> None:
-    """One-line errors for passes or evaluations per block below 1 and unknown block orders."""
+def check_search_settings(passes: int, evaluations_per_block: int, order: str, optimizer: str | None = None,
+                          options: dict | None = None) -> None:
+    """One-line :class:`UsageError` for passes or evaluations per block below 1, unknown block orders,
+    and (if given) an optimizer name or options that ``optimizers.make`` refuses."""
     for name, value in (("passes", passes), ("evaluations per block", evaluations_per_block)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} {value!r} is not allowed; allowed: an integer >= 1")
     if order not in ORDERS:
         raise UsageError(f"block order {order!r} is unknown; allowed: {', '.join(ORDERS)}")
+    if optimizer is not None:
+        try:
+            optimizers.make(optimizer, **(options or {}))
+        except optimizers.InputError as error:
+            raise UsageError(str(error)) from None
 
 
 @torch.no_grad()
@@ -81,7 +89,7 @@ def pass_inputs(qmodel: QuantizedModel, images: torch.Tensor, batch_size: int = 
     A reverse pass changes only blocks above the one it visits, so inputs taken at the start
     of the pass stay exact for all its visits: one forward instead of one prefix per visit.
     """
-    image_batches = list(batches(images, batch_size))
+    image_batches = images.split(batch_size)
     first = qmodel.block_inputs(image_batches[0])
     per_image = sum(h[0].numel() * h.element_size() for h in first)
     if per_image * len(images) > limit_bytes:
@@ -93,13 +101,10 @@ def pass_inputs(qmodel: QuantizedModel, images: torch.Tensor, batch_size: int = 
 @torch.inference_mode()
 def selection_score(qmodel: QuantizedModel, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
                     loss: Callable, batch_size: int = 100) -> tuple[float, float]:
-    """Top-1 and mean loss against FP on the held-out selection images."""
-    correct, losses = 0, []
-    for start in range(0, len(images), batch_size):
-        logits = qmodel(images[start : start + batch_size])
-        correct += (logits.argmax(-1) == labels[start : start + batch_size]).sum().item()
-        losses.append(float(loss(logits, targets[start : start + batch_size])))
-    return 100.0 * correct / len(images), float(np.mean(losses))
+    """Top-1 and mean loss against FP on the held-out selection images, from one forward pass."""
+    outputs = list(batch_outputs(qmodel, (images, labels), batch_size))
+    losses = [float(loss(logits, t)) for (logits, _), t in zip(outputs, targets.split(batch_size))]
+    return percent_correct(outputs), float(np.mean(losses))
 
 
 def search(
@@ -119,9 +124,8 @@ def search(
     progress: bool = True,
 ) -> SearchResult:
     """Search every block's scales of a calibrated ``qmodel``; leaves it at the best pass's scales."""
-    check_search_settings(passes, evaluations_per_block, order)
     options = dict(optimizer_options or {})
-    optimizers.make(optimizer, **options)  # fail early on a bad name or option
+    check_search_settings(passes, evaluations_per_block, order, optimizer, options)
     loss_fn = get_loss(loss)
     targets = fp_logits(qmodel, calib_images)
     selection_images, selection_labels = selection

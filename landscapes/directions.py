@@ -6,14 +6,16 @@ offset of 1 means. Two normalisations make offsets comparable between objectives
 ``"elementwise"`` (default, the per-element analogue of filter normalisation in loss-landscape
 plots): ``d_i = s_i * |x0_i|``, where ``s`` has root-mean-square 1. An offset ``t`` then changes
 each element by a fraction of about ``t`` of its own size, so ``t = 0.05`` is a ~5 % relative
-perturbation whatever the scale of the vector. Elements that are 0 in ``x0`` do not move.
+perturbation whatever the scale of the vector. An element that is 0 in ``x0`` has no size to
+be relative to: it takes absolute steps (``d_i = s_i``), so any finite start point, all zeros
+included, can be sliced. :func:`describe_steps` says which rule a slice used.
 
 ``"absolute"``: ``d_i = s_i``, root-mean-square 1 per element. An offset ``t`` moves each element
 by about ``t`` in the vector's own units (compare Evol-Q's absolute mutation size ``eps``).
 
 For ``kind="random"``, ``s`` is a Gaussian vector rescaled to RMS 1; for ``kind="coordinate"``,
 ``s`` is 1 at ``index`` and 0 elsewhere, so the one moving element changes by ``t`` (absolute)
-or by ``t * |x0[index]|`` (elementwise). A given vector is used unchanged, whatever
+or by ``t * |x0[index]|`` (elementwise; ``t`` where ``x0[index]`` is 0). A given vector is used unchanged, whatever
 ``normalize`` says, so offset 1 lands on ``x0 + vector`` (e.g. the step from a start to a
 search result).
 """
@@ -63,12 +65,26 @@ def direction(
     else:
         unit = np.zeros(point.size)
         unit[_check_index(index, point.size)] = 1.0
-    d = unit * np.abs(point) if normalize == "elementwise" else unit
-    if not np.any(d):
-        raise ValueError(
-            f"the {kind} direction is zero because x0 is 0 where it would move; use normalize='absolute'"
-        )
-    return d
+    return unit * _step_sizes(point, normalize)
+
+
+def _step_sizes(point: np.ndarray, normalize: str) -> np.ndarray:
+    """Per-element size of a unit step: ``|x0_i|`` (elementwise; 1 where ``x0_i`` is 0) or 1 (absolute)."""
+    if normalize == "absolute":
+        return np.ones_like(point)
+    return np.where(point == 0, 1.0, np.abs(point))
+
+
+def describe_steps(x0: np.ndarray, normalize: str) -> str:
+    """One line saying what an offset ``t`` of a drawn direction does to ``x0`` (recorded with slices)."""
+    point = as_point(x0)
+    if normalize == "absolute":
+        return "absolute steps: offset t moves each element by about t"
+    zeros = int(np.sum(point == 0))
+    text = "elementwise steps: offset t moves each element by about t times |x0_i|"
+    if zeros:
+        text += f"; the {zeros} of {point.size} elements that are 0 in x0 take absolute steps (about t)"
+    return text
 
 
 def _given_vector(vector: np.ndarray, point: np.ndarray) -> np.ndarray:

@@ -46,15 +46,15 @@ def surface(ax: Axes, df: pd.DataFrame, norm: Normalize, title: str) -> None:
     ax.set_title(title, fontsize=9)
 
 
-def line(ax: Axes, df: pd.DataFrame, limits: tuple[float, float], title: str) -> None:
-    """Draw a 1-D slice as a line with its grid points, on the shared y-range ``limits``."""
+def line(ax: Axes, df: pd.DataFrame, limits: tuple[float, float], title: str, value_label: str = "value") -> None:
+    """Draw a 1-D slice as a line with its grid points, on the shared y-range ``limits``; y axis ``value_label``."""
     offsets, values = line_arrays(df)
     ax.plot(offsets, values, color="tab:blue", linewidth=1, marker=".", markersize=3)
     ax.plot([0.0], [np.interp(0.0, offsets, values)], **START)
     ax.axvline(0.0, color="grey", linewidth=0.6, linestyle="--")
     ax.set_ylim(*limits)
     ax.set_xlabel("offset along d")
-    ax.set_ylabel("value")
+    ax.set_ylabel(value_label)
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.grid(alpha=0.3)
     ax.set_title(caption(df, title), fontsize=9)

@@ -44,6 +44,7 @@ def plot_landscape(
     title: str | None = None,
     label: str = "objective",
     reference_label: str = "reference",
+    value_label: str = "value",
     progress: bool = True,
 ) -> Figure:
     """Plot slices of ``f`` around ``x0``, or the slice frames in ``data``; return the Figure.
@@ -53,6 +54,9 @@ def plot_landscape(
     most one 2-D). ``reference``: frames, or an objective sliced along the same directions as
     the main slices (read from their ``attrs``). Panels: heatmap with colour bar, a 3-D surface
     if ``surface3d``, one line panel per 1-D slice; roughness numbers in each panel title.
+    ``value_label`` names the values (colour bar, y axes). The caption says what an offset
+    means (the frames' ``attrs["steps"]``): from a start point with zeros, an ``"elementwise"``
+    direction moves those elements by absolute steps.
     """
     if (f is None) == (data is None) or (f is None) != (x0 is None):
         raise ValueError("pass either f and x0 (to compute slices) or data (slice frames), not both or neither")
@@ -62,7 +66,7 @@ def plot_landscape(
         reference = [_slice_like(reference, frame, progress) for frame in frames]
     if reference is not None:
         rows.append((reference_label, *_split(_listed(reference), "reference")))
-    return _draw(rows, surface3d, title or "Landscape around x0")
+    return _draw(rows, surface3d, title or "Landscape around x0", value_label)
 
 
 def _compute(
@@ -111,7 +115,8 @@ def _split(frames: list[pd.DataFrame], name: str) -> tuple[pd.DataFrame | None, 
     return (grids[0] if grids else None), [df for df in frames if frame_dims(df) == 1]
 
 
-def _draw(rows: list[tuple[str, pd.DataFrame | None, list[pd.DataFrame]]], surface3d: bool, title: str) -> Figure:
+def _draw(rows: list[tuple[str, pd.DataFrame | None, list[pd.DataFrame]]], surface3d: bool, title: str,
+          value_label: str) -> Figure:
     """Lay out one row of panels per objective, sharing colour scale and y-range; return the Figure."""
     grids = [grid for _, grid, _ in rows if grid is not None]
     lines = [df for _, _, row_lines in rows for df in row_lines]
@@ -131,11 +136,13 @@ def _draw(rows: list[tuple[str, pd.DataFrame | None, list[pd.DataFrame]]], surfa
         for k, df in enumerate(row_lines):
             ax = fig.add_subplot(len(rows), ncols, r * ncols + grid_columns + k + 1)
             number = f" {k + 1}" if len(row_lines) > 1 else ""
-            panels.line(ax, df, limits, f"{label}: 1-D slice{number}")
+            panels.line(ax, df, limits, f"{label}: 1-D slice{number}", value_label)
     if meshes:
-        fig.colorbar(meshes[0], ax=[mesh.axes for mesh in meshes], label="value", shrink=0.9)
+        fig.colorbar(meshes[0], ax=[mesh.axes for mesh in meshes], label=value_label, shrink=0.9)
     fig.suptitle(title)
-    fig.supxlabel(CAPTION, fontsize=8)
+    steps = [df.attrs["steps"] for _, grid, row_lines in rows for df in [grid, *row_lines]
+             if df is not None and "steps" in df.attrs]
+    fig.supxlabel(CAPTION + (f"\noffsets: {steps[0]}" if steps else ""), fontsize=8)
     return fig
 
 

@@ -4,7 +4,7 @@ A slice shows how the objective changes when the point moves along one or two di
 ``f(x0 + t * d)`` for ``t`` on an even grid in ``[-radius, radius]``. With an odd number of
 points the grid holds ``t = 0`` exactly, so the start's own value is on it. The frames' format
 is described in :mod:`landscapes.frames`; ``df.attrs`` records ``x0``, the direction(s) and
-``radius`` (as tuples, so frames still concatenate).
+``radius`` (as tuples, so frames still concatenate), and ``steps``: what an offset means.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .directions import as_point
+from .directions import as_point, describe_steps
 from .directions import direction as make_direction
 from .evaluate import evaluate_grid
 
@@ -42,7 +42,8 @@ def slice_1d(
     offsets = grid_offsets(radius, points)
     values = evaluate_grid(f, point, d[None, :], offsets[:, None], batch_size, progress, "slice 1-D")
     df = pd.DataFrame({"offset": offsets, "value": values})
-    df.attrs.update(x0=tuple(point.tolist()), direction=tuple(d.tolist()), radius=float(radius))
+    df.attrs.update(x0=tuple(point.tolist()), direction=tuple(d.tolist()), radius=float(radius),
+                    steps=_steps(point, normalize, direction is None))
     return df
 
 
@@ -80,6 +81,7 @@ def slice_2d(
         direction1=tuple(first.tolist()),
         direction2=tuple(second.tolist()),
         radius=float(radius),
+        steps=_steps(point, normalize, d1 is None or d2 is None),
     )
     return df
 
@@ -92,6 +94,11 @@ def grid_offsets(radius: float, points: int) -> np.ndarray:
         raise ValueError(f"points {points!r} is not allowed; use an integer of at least 2")
     ramp = np.linspace(-float(radius), float(radius), int(points))
     return 0.5 * (ramp - ramp[::-1])
+
+
+def _steps(point: np.ndarray, normalize: str, drawn: bool) -> str:
+    """What an offset means: the rule of the drawn direction(s), or that the directions were given."""
+    return describe_steps(point, normalize) if drawn else "given directions, used as they are"
 
 
 def _resolve(point: np.ndarray, given: np.ndarray | None, seed: int | None, normalize: str) -> np.ndarray:

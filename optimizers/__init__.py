@@ -4,7 +4,7 @@ Ask/tell `Optimizer`s by name (`make("evolq")`, `make("ng:OnePlusOne")`) or clas
 `minimize(f, x0, budget, optimizer="evolq")`. Needs neither torch nor evolq.
 """
 
-from optimizers.base import Optimizer, Result
+from optimizers.base import InputError, Optimizer, Result
 from optimizers.registry import available, make, minimize, register
 from optimizers.evolutionary import EvolutionarySearch
 from optimizers.cmaes import CMAES
@@ -13,7 +13,7 @@ from optimizers.gradient import Adam
 from optimizers.nevergrad_adapter import Nevergrad
 
 __all__ = [
-    "Optimizer", "Result", "minimize", "make", "available", "register",
+    "InputError", "Optimizer", "Result", "minimize", "make", "available", "register",
     "EvolutionarySearch", "CMAES", "RandomSearch", "Adam", "Nevergrad",
 ]
 

@@ -23,6 +23,15 @@ Callback = Callable[[int, np.ndarray, float, float], Any]
 HISTORY_COLUMNS = ["evaluation", "value", "best", "seconds"]
 
 
+class InputError(ValueError):
+    """A caller's input that is not allowed (a name, option, budget, start vector, objective's answer).
+
+    One line naming the value and what is allowed. A ``ValueError``, so ``except ValueError``
+    still catches it; its own type lets a caller (the ``evolq`` CLI) tell bad input apart from
+    a bug without ``optimizers`` importing anything of the caller's.
+    """
+
+
 @dataclass
 class Result:
     """Best point of a run, its value, the evaluations spent and one history row per evaluation."""
@@ -41,25 +50,25 @@ def clean_value(value: Any) -> float:
 
 
 def check_positive(name: str, value: Any) -> float:
-    """`value` as a float if it is a finite number > 0, else a one-line ValueError."""
+    """`value` as a float if it is a finite number > 0, else a one-line InputError."""
     ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
     if not (ok and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise InputError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int if it is an integer >= minimum, else a one-line ValueError."""
+    """`value` as an int if it is an integer >= minimum, else a one-line InputError."""
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
     if not (ok and value >= minimum):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """`value` if it is one of `choices`, else a one-line ValueError listing them."""
+    """`value` if it is one of `choices`, else a one-line InputError listing them."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
 
 
@@ -67,8 +76,21 @@ def as_vector(x: Any) -> np.ndarray:
     """A finite, non-empty 1-D float copy of the start vector `x`."""
     vector = np.array(x, dtype=float)
     if vector.ndim != 1 or vector.size == 0 or not np.all(np.isfinite(vector)):
-        raise ValueError(f"x0 must be a non-empty 1-D vector of finite numbers, got shape {vector.shape}")
+        raise InputError(f"x0 must be a non-empty 1-D vector of finite numbers, got shape {vector.shape}")
     return vector
+
+
+def search_nonnegative(x0: np.ndarray, nonnegative: bool | None) -> bool:
+    """Whether a run from `x0` keeps every coordinate >= 0; None decides from x0 (True where x0 >= 0)."""
+    if nonnegative is None:
+        return bool(np.all(x0 >= 0))
+    if not isinstance(nonnegative, (bool, np.bool_)):
+        raise InputError(f"nonnegative must be True, False or None, got {nonnegative!r}")
+    negative = np.flatnonzero(x0 < 0)
+    if nonnegative and negative.size:
+        raise InputError(f"x0 has a negative value {float(x0[negative[0]])} at index {negative[0]}; nonnegative=True "
+                         "needs x0 >= 0 (or pass nonnegative=False to search all real values)")
+    return bool(nonnegative)
 
 
 def option_names(cls: type) -> list[str]:
@@ -91,7 +113,7 @@ class Optimizer(ABC):
     """Minimizes an objective over float vectors, by ask/tell or by `minimize`.
 
     Configured by plain constructor keywords (stored under the same names); what a run
-    learns ends in an underscore: `best_x_`, `best_value_`, `value0_`, `rng_`.
+    learns ends in an underscore: `best_x_`, `best_value_`, `value0_`, `rng_`, `nonnegative_`.
     Until x0's value is known, `ask` returns x0 and the first `tell` is taken as its score.
     Subclasses implement `_ask`, and where needed `_reset`, `_ask_batch`, `_tell` and `close`.
     """
@@ -100,13 +122,16 @@ class Optimizer(ABC):
     needs_gradient = False
 
     def start(self, x0: Any, seed: int | None = None, value0: float | None = None,
-              budget: int | None = None) -> "Optimizer":
+              budget: int | None = None, nonnegative: bool | None = None) -> "Optimizer":
         """Reset the state to start from x0; `value0` is x0's known value (then x0 is not re-scored).
 
         `budget` is the number of evaluations the caller plans to spend, for optimizers
-        that plan with it (nevergrad's); it is not enforced here.
+        that plan with it (nevergrad's); it is not enforced here. `nonnegative`: keep every
+        candidate >= 0 (Evol-Q's scales: mutations are reflected at 0, as its abs() does),
+        or search all real values; None (default) keeps them >= 0 exactly when x0 is >= 0.
         """
         self.x0_ = as_vector(x0)
+        self.nonnegative_ = search_nonnegative(self.x0_, nonnegative)
         self.rng_ = np.random.default_rng(seed)
         self.budget_ = None if budget is None else check_int("budget", budget, 1)
         self.best_x_ = self.x0_.copy()
@@ -131,7 +156,7 @@ class Optimizer(ABC):
         x = np.array(x, dtype=float)
         value = clean_value(value)
         if self.value0_ is None and not np.array_equal(x, self.x0_):
-            raise ValueError("the first tell must be x0's value (ask returned x0); or pass value0 to start")
+            raise InputError("the first tell must be x0's value (ask returned x0); or pass value0 to start")
         if value < self.best_value_:
             self.best_x_, self.best_value_ = x.copy(), value
         if self.value0_ is None:
@@ -166,10 +191,12 @@ class Optimizer(ABC):
         return f"{type(self).__name__}({params})"
 
     def minimize(self, f: Objective, x0: Any, budget: int, seed: int | None = None,
-                 callback: Callback | None = None, *, value0: float | None = None) -> Result:
+                 callback: Callback | None = None, *, value0: float | None = None,
+                 nonnegative: bool | None = None) -> Result:
         """Minimize `f` from `x0` (None: `f.x0`) with at most `budget` evaluations, x0's first score included.
 
-        With `value0` (x0's known value) x0 is not scored and costs nothing. Batches go
+        With `value0` (x0's known value) x0 is not scored and costs nothing. `nonnegative`:
+        see `start`; `Result.info["nonnegative"]` says which it was. Batches go
         to `f.batch` when there is more than one candidate and `f` has it; the last batch
         is cut to the budget. `callback(evaluation, x, value, best)` runs after each
         evaluation; a true return value stops the run after the current batch.
@@ -178,11 +205,11 @@ class Optimizer(ABC):
         if x0 is None:
             x0 = getattr(f, "x0", None)
             if x0 is None:
-                raise ValueError("x0 is None and the objective has no x0 attribute; pass a start vector")
+                raise InputError("x0 is None and the objective has no x0 attribute; pass a start vector")
         if self.needs_gradient and not callable(getattr(f, "value_and_grad", None)):
-            raise ValueError(f"optimizer '{self.name}' needs an objective with value_and_grad(x) -> "
+            raise InputError(f"optimizer '{self.name}' needs an objective with value_and_grad(x) -> "
                              f"(value, gradient); {type(f).__name__} has none")
-        self.start(x0, seed=seed, value0=value0, budget=budget)
+        self.start(x0, seed=seed, value0=value0, budget=budget, nonnegative=nonnegative)
         t0 = time.perf_counter()
         rows: list[tuple[int, float, float, float]] = []
         stop = False
@@ -201,7 +228,7 @@ class Optimizer(ABC):
         finally:
             self.close()
         info = {"optimizer": self.name, "options": self.get_params(), "seed": seed,
-                "value0": self.value0_, "stopped_by_callback": stop}
+                "value0": self.value0_, "nonnegative": self.nonnegative_, "stopped_by_callback": stop}
         return Result(x=self.best_x_.copy(), value=self.best_value_, evaluations=len(rows),
                       history=pd.DataFrame(rows, columns=HISTORY_COLUMNS), info=info)
 
@@ -214,6 +241,6 @@ def evaluate(f: Objective, batch: list[np.ndarray], gradient: bool) -> tuple[lis
     if len(batch) > 1 and callable(getattr(f, "batch", None)):
         values = np.asarray(f.batch(np.stack(batch)), dtype=float).reshape(-1)  # type: ignore[attr-defined]
         if values.size != len(batch):
-            raise ValueError(f"f.batch returned {values.size} values for {len(batch)} candidates")
+            raise InputError(f"f.batch returned {values.size} values for {len(batch)} candidates")
         return list(values), [None] * len(batch)
     return [f(x.copy()) for x in batch], [None] * len(batch)

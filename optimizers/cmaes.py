@@ -7,6 +7,8 @@ Step size: sigma0 = eps / sqrt(3), so each coordinate starts with the same sprea
 Non-negativity: CMA-ES samples freely and the objective sees abs(sample), i.e. CMA-ES
 minimizes g(y) = f(|y|), the same reflection Evol-Q uses. (cma's bound handling maps a
 wide band next to the bound non-linearly, which would distort scales of 1e-3..1e-1.)
+From a start with negative values (or with nonnegative=False) the samples go to f as drawn.
+sigma0 is absolute, so a start at 0 moves like any other.
 
 diagonal=True (default) is separable CMA-ES (cma's CMA_diagonal): O(n) per sample
 instead of O(n^2), and learnable from a few hundred evaluations in hundreds to thousands
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizers.base import Optimizer, check_int, check_positive, pop_match
+from optimizers.base import InputError, Optimizer, check_int, check_positive, pop_match
 from optimizers.registry import register
 
 
@@ -33,7 +35,7 @@ class CMAES(Optimizer):
     def __init__(self, eps: float = 1e-3, diagonal: bool = True, popsize: int | None = None):
         self.eps = check_positive("eps", eps)
         if not isinstance(diagonal, bool):
-            raise ValueError(f"diagonal must be True or False, got {diagonal!r}")
+            raise InputError(f"diagonal must be True or False, got {diagonal!r}")
         self.diagonal = diagonal
         self.popsize = None if popsize is None else check_int("popsize", popsize, 2)
 
@@ -56,7 +58,8 @@ class CMAES(Optimizer):
 
     def _refill(self) -> None:
         if not self.queue_:
-            self.queue_ = [(np.abs(y), np.asarray(y)) for y in self.es_.ask()]
+            reflect = np.abs if self.nonnegative_ else np.array
+            self.queue_ = [(reflect(y), np.asarray(y)) for y in self.es_.ask()]
 
     def _ask(self) -> np.ndarray:
         self._refill()

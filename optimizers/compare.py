@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from optimizers.base import InputError
 from optimizers.executors import Executor, make_executor
+from optimizers.files import atomic_path
 from optimizers.problems import make_problem
 from optimizers.registry import make
 
@@ -95,10 +97,10 @@ def _problems(problems: Mapping[str, Any]) -> dict[str, Any]:
             make_problem(spec)  # fails early, listing the allowed names
             spec = partial(make_problem, spec)
         if not (hasattr(spec, "run") or callable(spec)):
-            raise ValueError(f"problem {label!r} must be a factory returning an objective or have run(); got {spec!r}")
+            raise InputError(f"problem {label!r} must be a factory returning an objective or have run(); got {spec!r}")
         checked[str(label)] = spec
     if not checked:
-        raise ValueError("problems is empty; give at least one")
+        raise InputError("problems is empty; give at least one")
     return checked
 
 
@@ -113,14 +115,14 @@ def _optimizers(optimizers: Iterable[str] | Mapping[str, Any]) -> dict[str, tupl
         make(name, **options)
         checked[str(label)] = (name, options)
     if not checked:
-        raise ValueError("optimizers is empty; give at least one")
+        raise InputError("optimizers is empty; give at least one")
     return checked
 
 
 def _seeds(seeds: int | Iterable[int]) -> list[int]:
     seeds = list(range(seeds)) if isinstance(seeds, (int, np.integer)) else [int(seed) for seed in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be a positive count or distinct integers, got {seeds}")
+        raise InputError(f"seeds must be a positive count or distinct integers, got {seeds}")
     return seeds
 
 
@@ -129,22 +131,9 @@ def load(out: str | os.PathLike) -> pd.DataFrame:
     frame = pd.read_csv(out, dtype={"problem": str, "optimizer": str})
     missing = [column for column in COLUMNS if column not in frame.columns]
     if missing:
-        raise ValueError(f"{out} is not a comparison table: missing columns {missing}")
+        raise InputError(f"{out} is not a comparison table: missing columns {missing}")
     finished = frame.loc[frame["final"].astype(bool), list(KEY)].drop_duplicates()
     return frame.merge(finished, on=list(KEY))
-
-
-def _save(frame: pd.DataFrame, out: Path) -> None:
-    """Replace ``out`` by ``frame`` atomically: write a temporary file, flush it to disk, rename."""
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", newline="") as handle:
-            frame.to_csv(handle, index=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def compare(
@@ -176,7 +165,7 @@ def compare(
     the cells in flight. Returns the table (module docstring): the saved rows, then the new.
     """
     if not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+        raise InputError(f"budget must be a positive integer, got {budget!r}")
     problems, optimizers, seeds = _problems(problems), _optimizers(optimizers), _seeds(seeds)
     if isinstance(executor, str):
         executor = make_executor(executor, workers=workers, address=address, retries=retries)
@@ -202,7 +191,8 @@ def compare(
         count += 1
         parts.append(rows)
         if out is not None:
-            _save(pd.concat(parts, ignore_index=True), out)
+            with atomic_path(out) as temporary:
+                pd.concat(parts, ignore_index=True).to_csv(temporary, index=False)
         final = rows.iloc[-1]
         _say(progress, f"compare: [{count}/{len(cells)}] {cell.problem} / {cell.optimizer} / seed {cell.seed}: "
                        f"best {final['value']:.6g} after {final['evaluation']} evaluations, {final['seconds']:.1f} s")

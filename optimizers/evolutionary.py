@@ -12,26 +12,31 @@ The best is population[0]. x0 is scored once (or not at all when its value is gi
 and a member's value is never re-scored.
 
 Opt-in extras, off by default: `eps_mode="relative"` scales the noise by |parent|
-(a coordinate at 0 then stays at 0); `children_per_step > 1` asks several children per
-step, each from its own tournament on the same population, to evaluate them together.
+(a coordinate at 0 takes absolute steps, so a start at 0 still moves); `children_per_step > 1`
+asks several children per step, each from its own tournament on the same population, to
+evaluate them together. From a start with negative values (or with `nonnegative=False`
+given to `minimize`) the children are parent + U(-eps, eps), without abs().
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from optimizers.base import Optimizer, check_choice, check_int, check_positive
+from optimizers.base import InputError, Optimizer, check_choice, check_int, check_positive
 from optimizers.registry import register
 
 EPS_MODES = ("absolute", "relative")
 
 
-def mutate(rng: np.random.Generator, parent: np.ndarray, eps: float, eps_mode: str) -> np.ndarray:
-    """abs(parent + U(-eps, eps)) element-wise; in "relative" mode the noise is scaled by |parent|."""
+def mutate(rng: np.random.Generator, parent: np.ndarray, eps: float, eps_mode: str,
+           nonnegative: bool = True) -> np.ndarray:
+    """abs(parent + U(-eps, eps)) element-wise (no abs() unless `nonnegative`); in "relative"
+    mode the noise is scaled by |parent|, and by 1 where the parent is 0."""
     noise = rng.uniform(-eps, eps, size=parent.shape)
     if eps_mode == "relative":
-        noise *= np.abs(parent)
-    return np.abs(parent + noise)
+        noise *= np.where(parent == 0, 1.0, np.abs(parent))
+    child = parent + noise
+    return np.abs(child) if nonnegative else child
 
 
 @register("evolq")
@@ -48,7 +53,7 @@ class EvolutionarySearch(Optimizer):
         self.population = check_int("population", population, 1)
         self.tournament = check_int("tournament", tournament, 1)
         if self.tournament > self.population:
-            raise ValueError(f"tournament must be <= population ({self.population}), got {tournament!r}")
+            raise InputError(f"tournament must be <= population ({self.population}), got {tournament!r}")
         self.eps = check_positive("eps", eps)
         self.eps_mode = check_choice("eps_mode", eps_mode, EPS_MODES)
         self.children_per_step = check_int("children_per_step", children_per_step, 1)
@@ -60,7 +65,7 @@ class EvolutionarySearch(Optimizer):
     def _ask(self) -> np.ndarray:
         drawn = self.rng_.integers(0, self.population, size=self.tournament)
         parent = self.members_[drawn[np.argmin(self.values_[drawn])]]  # argmin: first drawn on ties
-        return mutate(self.rng_, parent, self.eps, self.eps_mode)
+        return mutate(self.rng_, parent, self.eps, self.eps_mode, self.nonnegative_)
 
     def _ask_batch(self) -> list[np.ndarray]:
         return [self._ask() for _ in range(self.children_per_step)]

@@ -29,6 +29,8 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from optimizers.base import InputError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -47,7 +49,7 @@ class LocalExecutor:
 
     def __init__(self, workers: int = 1):
         if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
+            raise InputError(f"workers must be at least 1, got {workers}")
         self.workers = workers
 
     def map_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
@@ -100,7 +102,7 @@ class RayExecutor:
     def __init__(self, workers: int = 1, address: str | None = None, retries: int = 2, num_gpus: float | None = None):
         import_ray()  # fail before any work is done
         if workers < 1 or retries < 0:
-            raise ValueError(f"ray executor needs workers >= 1 and retries >= 0, got {workers}, {retries}")
+            raise InputError(f"ray executor needs workers >= 1 and retries >= 0, got {workers}, {retries}")
         self.workers, self.address, self.retries, self.num_gpus = workers, address, retries, num_gpus
 
     def map_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
@@ -130,11 +132,11 @@ def make_executor(name: str, workers: int = 1, address: str | None = None, retri
     """The executor called ``name`` (one of :data:`EXECUTORS`); ``retries`` and ``address`` are Ray's."""
     if name == "local":
         if address is not None:
-            raise ValueError(f"address={address!r} needs executor='ray'; the 'local' executor runs here")
+            raise InputError(f"address={address!r} needs executor='ray'; the 'local' executor runs here")
         return LocalExecutor(workers)
     if name == "ray":
         return RayExecutor(workers=workers, address=address, retries=retries)
-    raise ValueError(f"unknown executor {name!r}; allowed: {', '.join(EXECUTORS)}")
+    raise InputError(f"unknown executor {name!r}; allowed: {', '.join(EXECUTORS)}")
 
 
 class _ObjectiveActor:
@@ -174,7 +176,7 @@ class RayBatchEvaluator:
         address: str | None = None,
     ):
         if actors < 1:
-            raise ValueError(f"actors must be at least 1, got {actors}")
+            raise InputError(f"actors must be at least 1, got {actors}")
         self._ray = import_ray()
         self._started = _ensure_ray(address, None)
         actor_class = self._ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_ObjectiveActor)

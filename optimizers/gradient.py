@@ -1,7 +1,8 @@
 """Adam on the objective's own gradient: the reference point for the gradient-free optimizers.
 
 The objective must offer `value_and_grad(x) -> (value, gradient)`; each call is one
-evaluation. Scales stay positive: after each step x = max(x, floor). The first ask is
+evaluation. Scales stay positive: after each step x = max(x, floor) (not from a start with
+negative values, or with nonnegative=False). The first ask is
 x0 even when its value is known, because its gradient is needed.
 A NaN/inf value or gradient sends the search back to the best point with half the step.
 """
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizers.base import Optimizer, check_positive
+from optimizers.base import InputError, Optimizer, check_positive
 from optimizers.registry import register
 
 
@@ -27,7 +28,7 @@ class Adam(Optimizer):
                  adam_eps: float = 1e-8, floor: float = 1e-12):
         self.lr = check_positive("lr", lr)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+            raise InputError(f"betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
         self.adam_eps = check_positive("adam_eps", adam_eps)
         self.floor = check_positive("floor", floor)
@@ -47,10 +48,10 @@ class Adam(Optimizer):
 
     def _tell(self, x: np.ndarray, value: float, grad: Any = None) -> None:
         if grad is None:
-            raise ValueError(f"optimizer '{self.name}' needs the gradient: tell(x, value, grad)")
+            raise InputError(f"optimizer '{self.name}' needs the gradient: tell(x, value, grad)")
         grad = np.asarray(grad, dtype=float)
         if grad.shape != x.shape:
-            raise ValueError(f"gradient shape {grad.shape} does not match x shape {x.shape}")
+            raise InputError(f"gradient shape {grad.shape} does not match x shape {x.shape}")
         if not (np.isfinite(value) and np.all(np.isfinite(grad))):
             self.x_ = self.best_x_.copy()
             self.step_size_ *= 0.5
@@ -62,4 +63,5 @@ class Adam(Optimizer):
         self.v_ = beta2 * self.v_ + (1 - beta2) * grad**2
         m_hat = self.m_ / (1 - beta1**self.t_)
         v_hat = self.v_ / (1 - beta2**self.t_)
-        self.x_ = np.maximum(x - self.step_size_ * m_hat / (np.sqrt(v_hat) + self.adam_eps), self.floor)
+        step = x - self.step_size_ * m_hat / (np.sqrt(v_hat) + self.adam_eps)
+        self.x_ = np.maximum(step, self.floor) if self.nonnegative_ else step

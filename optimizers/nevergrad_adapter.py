@@ -1,7 +1,8 @@
 """Any optimizer of nevergrad's registry, as "ng:<name>" (e.g. ng:OnePlusOne, ng:TwoPointsDE).
 
 Parametrization: `ng.p.Array(init=x0, lower=0)` with `set_mutation(sigma=eps)`: nevergrad's
-mutations start at an absolute step of eps (1e-3) around x0 and never go below 0.
+mutations start at an absolute step of eps (1e-3) around x0 and never go below 0 (no lower
+bound from a start with negative values, or with nonnegative=False).
 The run's budget is passed to nevergrad (some of its optimizers plan with it), and the
 candidates go through nevergrad's own ask/tell. `num_workers` candidates are asked at
 once (nevergrad's num_workers), so they can be evaluated as a batch.
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizers.base import Optimizer, check_int, check_positive, pop_match
+from optimizers.base import InputError, Optimizer, check_int, check_positive, pop_match
 from optimizers.registry import register, unknown_name_message
 
 
@@ -40,7 +41,7 @@ class Nevergrad(Optimizer):
         if optimizer not in registry:
             similar = difflib.get_close_matches(str(optimizer), list(registry), n=3)
             hint = f" (did you mean {', '.join('ng:' + c for c in similar)}?)" if similar else ""
-            raise ValueError(unknown_name_message(f"ng:{optimizer}") + hint)
+            raise InputError(unknown_name_message(f"ng:{optimizer}") + hint)
         self.optimizer = optimizer
         self.name = f"ng:{optimizer}"
         self.eps = check_positive("eps", eps)
@@ -54,7 +55,7 @@ class Nevergrad(Optimizer):
     def _reset(self) -> None:
         import nevergrad as ng
 
-        parametrization = ng.p.Array(init=self.x0_, lower=0.0)
+        parametrization = ng.p.Array(init=self.x0_, lower=0.0 if self.nonnegative_ else None)
         parametrization.set_mutation(sigma=self.eps)
         parametrization.random_state = np.random.RandomState(self.rng_.integers(2**32))
         self.ng_ = _nevergrad_registry()[self.optimizer](

@@ -23,6 +23,8 @@ import inspect
 
 import numpy as np
 
+from optimizers.base import InputError
+
 BUILTIN = ("sphere", "rastrigin", "jagged")
 NG_PREFIX = "ng:"
 
@@ -48,7 +50,7 @@ class Objective:
         """Values at the rows of ``X`` (shape ``(n, dim)``), as a float array of length n."""
         X = np.asarray(X, dtype=float)
         if X.ndim != 2 or X.shape[1] != self.dim:
-            raise ValueError(f"expected candidates of shape (n, {self.dim}), got {X.shape}")
+            raise InputError(f"expected candidates of shape (n, {self.dim}), got {X.shape}")
         return np.asarray(self._values(X), dtype=float)
 
     def _values(self, X: np.ndarray) -> np.ndarray:
@@ -98,7 +100,7 @@ class Jagged(Objective):
 
     def __init__(self, dim: int = 8, seed: int = 0, step: float = 1e-3, ripple: float = 0.5):
         if step <= 0 or ripple < 0:
-            raise ValueError(f"jagged needs step > 0 and ripple >= 0, got step={step}, ripple={ripple}")
+            raise InputError(f"jagged needs step > 0 and ripple >= 0, got step={step}, ripple={ripple}")
         rng = np.random.default_rng(seed)
         self.x0 = 0.05 * (1.0 + 0.2 * rng.uniform(-1.0, 1.0, size=dim))
         self.x_opt = np.abs(self.x0 * (1.0 + 0.1 * rng.normal(size=dim)))
@@ -145,19 +147,19 @@ def make_problem(name: str, dim: int = 8, seed: int = 0, **params: float) -> Obj
     ``params`` go to the problem (``jagged`` takes ``step`` and ``ripple``).
     """
     if not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        raise InputError(f"dim must be a positive integer, got {dim!r}")
     builtin = {"sphere": Sphere, "rastrigin": Rastrigin, "jagged": Jagged}
     if name in builtin:
         cls, args = builtin[name], ()
     elif name.startswith(NG_PREFIX) and name[len(NG_PREFIX):] in _nevergrad_registry():
         cls, args = Nevergrad, (name[len(NG_PREFIX):],)
     else:
-        raise ValueError(
+        raise InputError(
             f"unknown problem {name!r}; allowed: {', '.join(BUILTIN)}, or ng:<name> with <name> one of "
             f"{', '.join(sorted(_nevergrad_registry()))}"
         )
     allowed = [p for p in inspect.signature(cls).parameters if p not in ("name", "dim", "seed")]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ValueError(f"problem {name!r} has no parameter {unknown[0]!r}; its parameters: {allowed or 'none'}")
+        raise InputError(f"problem {name!r} has no parameter {unknown[0]!r}; its parameters: {allowed or 'none'}")
     return cls(*args, dim=dim, seed=seed, **params)

@@ -2,7 +2,8 @@
 
 Each candidate is drawn uniformly from the eps box around the best point so far, with
 abs() to keep it non-negative: abs(best + U(-eps, eps)), the same mutation as Evol-Q's
-but always from the current best and without a population.
+(`optimizers.evolutionary.mutate`, with its rules for eps_mode and negative starts), but
+always from the current best and without a population.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from optimizers.registry import register
 class RandomSearch(Optimizer):
     """Uniform samples around the best point so far.
 
-    eps: box half-width (1e-3); eps_mode: "absolute" or "relative" (noise times |best|);
+    eps: box half-width (1e-3); eps_mode: "absolute" or "relative" (noise times |best|, 1 where 0);
     batch_size: candidates asked at once, all around the same best (1).
     """
 
@@ -28,7 +29,7 @@ class RandomSearch(Optimizer):
         self.batch_size = check_int("batch_size", batch_size, 1)
 
     def _ask(self) -> np.ndarray:
-        return mutate(self.rng_, self.best_x_, self.eps, self.eps_mode)
+        return mutate(self.rng_, self.best_x_, self.eps, self.eps_mode, self.nonnegative_)
 
     def _ask_batch(self) -> list[np.ndarray]:
         return [self._ask() for _ in range(self.batch_size)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from optimizers.base import Callback, Objective, Optimizer, Result, option_names
+from optimizers.base import Callback, InputError, Objective, Optimizer, Result, option_names
 
 _REGISTRY: dict[str, type[Optimizer]] = {}
 
@@ -19,7 +19,7 @@ def register(name: str) -> Callable[[type[Optimizer]], type[Optimizer]]:
 
     def decorate(cls: type[Optimizer]) -> type[Optimizer]:
         if name in _REGISTRY:
-            raise ValueError(f"optimizer name {name!r} is already registered by {_REGISTRY[name].__name__}")
+            raise InputError(f"optimizer name {name!r} is already registered by {_REGISTRY[name].__name__}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -48,26 +48,26 @@ def unknown_name_message(name: str) -> str:
 def make(name: str, **options: Any) -> Optimizer:
     """A new optimizer of the registered `name`, configured by `options` (its constructor keywords)."""
     if not isinstance(name, str):
-        raise ValueError(f"optimizer name must be a string, got {name!r}")
+        raise InputError(f"optimizer name must be a string, got {name!r}")
     family, colon, variant = name.partition(":")
     cls = _REGISTRY.get(family + colon)
     if cls is None or (colon and not variant):
-        raise ValueError(unknown_name_message(name))
+        raise InputError(unknown_name_message(name))
     allowed = option_names(cls)[1 if colon else 0:]  # a family's first argument is the variant
     for key in options:
         if key not in allowed:
-            raise ValueError(f"optimizer {name!r} has no option {key!r}; its options: {', '.join(allowed)}")
+            raise InputError(f"optimizer {name!r} has no option {key!r}; its options: {', '.join(allowed)}")
     return cls(variant, **options) if colon else cls(**options)
 
 
 def minimize(f: Objective, x0: Any, budget: int, optimizer: str | Optimizer = "evolq",
              seed: int | None = None, callback: Callback | None = None, *,
-             value0: float | None = None, **options: Any) -> Result:
+             value0: float | None = None, nonnegative: bool | None = None, **options: Any) -> Result:
     """Minimize `f` from `x0` within `budget` evaluations with the optimizer named `optimizer`
     (or an Optimizer instance), configured by `options`; see `Optimizer.minimize`."""
     if isinstance(optimizer, Optimizer):
         if options:
-            raise ValueError(f"options {sorted(options)} need an optimizer name, not an instance")
+            raise InputError(f"options {sorted(options)} need an optimizer name, not an instance")
     else:
         optimizer = make(optimizer, **options)
-    return optimizer.minimize(f, x0, budget, seed=seed, callback=callback, value0=value0)
+    return optimizer.minimize(f, x0, budget, seed=seed, callback=callback, value0=value0, nonnegative=nonnegative)

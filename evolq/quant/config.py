@@ -10,6 +10,7 @@ from evolq.quant.bits import check_bits
 from evolq.quant.observers import OBSERVERS
 
 SOFTMAX_KINDS = ("uniform", "log2")
+PLACEMENTS = ("full", "inputs")
 PRESETS = ("w8a8", "w6a6", "w4a8", "w3a8", "w4a4", "w3a4")
 _PRESET = re.compile(r"^w(\d+)a(\d+)$")
 
@@ -21,6 +22,14 @@ class QuantConfig:
     Weights: unsigned with zero point, per output channel, min-max, optional bias correction.
     Activations: unsigned per tensor with ``act_observer``. LayerNorm inputs: power-of-two
     factors (PTF) when ``ptf`` is on. Softmax output: ``softmax_bits`` uniform, or log2.
+
+    ``placement`` says which tensors are quantized. ``"full"`` (the default, the paper's
+    setting) is FQ-ViT's fully quantized ViT as the released Evol-Q code runs it: every tensor
+    that flows between ops, the residual stream after each addition (PTF) and the attention
+    scores included, LayerNorm in integer arithmetic, q/k/v sharing one quantizer, the softmax
+    output observed like the other activations. ``"inputs"`` quantizes only what the matmuls
+    and LayerNorms read (their inputs) and leaves the residual stream, the scores and
+    LayerNorm itself in float: milder, kept as an option.
     """
 
     wbits: int = 8
@@ -30,13 +39,15 @@ class QuantConfig:
     softmax: str = "uniform"
     softmax_bits: int = 8
     bias_correction: bool = True
+    placement: str = "full"
 
     def __post_init__(self) -> None:
         check_bits("wbits", self.wbits)
         check_bits("abits", self.abits)
         check_bits("softmax_bits", self.softmax_bits)
         for what, value, allowed in (("activation observer", self.act_observer, tuple(OBSERVERS)),
-                                     ("softmax quantizer", self.softmax, SOFTMAX_KINDS)):
+                                     ("softmax quantizer", self.softmax, SOFTMAX_KINDS),
+                                     ("placement", self.placement, PLACEMENTS)):
             if not isinstance(value, str) or value not in allowed:
                 raise UsageError(f"{what} {value!r} is unknown; allowed: {', '.join(allowed)}")
         for switch in ("ptf", "bias_correction"):

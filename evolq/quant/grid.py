@@ -55,10 +55,11 @@ class Grid:
         out = x.mul_(self.inverse) if inplace else torch.mul(x, self.inverse)
         return out.round_().clamp_(self.low, self.high)
 
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """``levels(x) * s``: equal to torch's fake-quantize kernels (tested), without autograd."""
-        fast = self._in_one_pass(x, None, dequantize=True)
-        return fast if fast is not None else self.levels(x).mul_(self.scale)
+    def fake_quantize(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``levels(x) * s``: equal to torch's fake-quantize kernels (tested), without autograd; ``inplace``
+        overwrites ``x``, a temporary nobody else reads."""
+        fast = self._in_one_pass(x, x if inplace else None, dequantize=True)
+        return fast if fast is not None else self.levels(x, inplace).mul_(self.scale)
 
     def _in_one_pass(self, x: torch.Tensor, out: torch.Tensor | None, dequantize: bool) -> torch.Tensor | None:
         """The compiled kernel's result (same numbers as torch's passes), or None where it does not apply."""

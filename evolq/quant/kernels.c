@@ -352,3 +352,65 @@ void evolq_softmax_levels(float *x, int64_t rows, int64_t cols, const float *par
     for (int part = 0; part < threads; ++part)
         softmax_rows(x, rows * part / threads, rows * (part + 1) / threads, cols, params[0], params[1], params[2]);
 }
+
+/* FQ-ViT's integer LayerNorm (evolq.quant.layers.integer_layer_norm: the same float operations in
+ * the same order, so the same result bit for bit). x: rows x cols on a grid of one scale per column
+ * (scale: cols values, each a power of two times unit, the smallest); the levels counted in units of
+ * unit are whole numbers, so their sums in double are exact. Each column's multiplier
+ * weight / step / std becomes an 8-bit integer over 2^shifts, the offset an integer over the same;
+ * out = rint((multiplier * level + offset) / 2^shifts) * step. gain_step, shift_step: weight / step
+ * and bias / step, cols values each. */
+static inline int exponent_of(float size) { /* frexpf's (and torch.frexp's) exponent, from the bits */
+    uint32_t bits;
+    memcpy(&bits, &size, sizeof bits);
+    const int field = (int)((bits >> 23) & 0xff);
+    /* zero, inf and NaN: 0; a subnormal: below -125, which the caller clamps as it would the true one */
+    return field == 0xff || size == 0.0f ? 0 : (field == 0 ? -126 : field - 126);
+}
+
+static inline float power_of_two(int shifts) { /* 2^shifts for -31 <= shifts <= 31, from its bits */
+    const uint32_t bits = (uint32_t)(shifts + 127) << 23;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+CLONES static void integer_norm_rows(const float *x, float *out, int64_t begin, int64_t end, int64_t cols,
+                                     const float *scale, const float *factor, float unit, const float *gain_step,
+                                     const float *shift_step, float step) {
+    for (int64_t i = begin; i < end; ++i) {
+        const float *row = x + i * cols;
+        float *to = out + i * cols;
+        double total = 0.0, squares = 0.0;
+        for (int64_t j = 0; j < cols; ++j) {
+            const float level = rintf(row[j] / scale[j]) * factor[j];
+            to[j] = level;
+            total += (double)level;
+            squares += (double)(level * level);
+        }
+        const float mean = (float)(total / (double)cols) * unit;
+        float std = (unit / (float)cols) * (float)sqrt((double)cols * squares - total * total);
+        std = std > 1.17549435e-38f ? std : 1.17549435e-38f;
+        const float ratio = unit / std, centre = mean / std;
+        for (int64_t j = 0; j < cols; ++j) {
+            const float multiplier = ratio * gain_step[j], size = fabsf(multiplier);
+            const int exponent = exponent_of(size);
+            const int shifts = exponent > 8 ? 0 : (8 - exponent > 31 ? 31 : 8 - exponent);
+            const float power = power_of_two(shifts), inverse = power_of_two(-shifts);
+            const float sign = multiplier > 0.0f ? 1.0f : (multiplier < 0.0f ? -1.0f : 0.0f);
+            const float integer = clamp(floorf(size * power), 0.0f, 255.0f) * sign;
+            const float offset = rintf((shift_step[j] - centre * gain_step[j]) * power);
+            to[j] = rintf((integer * to[j] + offset) * inverse) * step;
+        }
+    }
+}
+
+void evolq_integer_layer_norm(const float *x, float *out, int64_t rows, int64_t cols, const float *scale,
+                              const float *factor, float unit, const float *gain_step, const float *shift_step,
+                              float step, int threads) {
+    if (rows * cols < MIN_PARALLEL) threads = 1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int part = 0; part < threads; ++part)
+        integer_norm_rows(x, out, rows * part / threads, rows * (part + 1) / threads, cols, scale, factor, unit,
+                          gain_step, shift_step, step);
+}

@@ -5,7 +5,8 @@ Bit for bit torch's numbers (tested):
 - :func:`quantize`: rounding onto a grid (torch: ``mul_``, ``round_``, ``clamp_``, and ``mul_`` for
   the scale) in one pass;
 - :func:`split_heads`: attention's qkv product gets its bias, q, k and v their rounding and the
-  heads the layout of the batched GEMMs (torch: an add, the rounding, three copies).
+  heads the layout of the batched GEMMs (torch: an add, the rounding, three copies);
+- :func:`integer_layer_norm`: FQ-ViT's integer LayerNorm (torch: about twenty passes, float64 sums).
 
 Torch's numbers within float rounding (another erf or exp, another order of sums; a value that
 close to a rounding boundary may land on the neighbouring level, tested):
@@ -67,6 +68,7 @@ _SIGNATURES = {  # the C functions of kernels.c and their arguments
     "evolq_softmax_levels": [_P, _N, _N, _P, _INT],
     "evolq_bias_gelu_levels": [_P, _P, _N, _N, _P, _INT],
     "evolq_ptf_layer_norm": [_P, _P, _N, _N, _P, _P, _P, ctypes.c_double, _INT],
+    "evolq_integer_layer_norm": [_P, _P, _N, _N, _P, _P, ctypes.c_float, _P, _P, ctypes.c_float, _INT],
     "evolq_instruction_set": [],
     "evolq_has_fma": [],
 }
@@ -232,6 +234,22 @@ def ptf_layer_norm(x: torch.Tensor, params: torch.Tensor, weight: torch.Tensor |
     _library().evolq_ptf_layer_norm(x.data_ptr(), out.data_ptr(), x.numel() // columns, columns, params.data_ptr(),
                                     None if weight is None else weight.data_ptr(),
                                     None if bias is None else bias.data_ptr(), eps, torch.get_num_threads())
+    return out
+
+
+def integer_layer_norm(x: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor, unit: float,
+                       gain_step: torch.Tensor, shift_step: torch.Tensor, step: float) -> torch.Tensor:
+    """:func:`evolq.quant.layers.integer_layer_norm` in one pass per row, bit for bit its torch operations.
+
+    Per column (``x.shape[-1]`` values each): ``scale`` of the input grid, ``factor`` = scale / ``unit``
+    (the smallest), ``gain_step`` and ``shift_step`` the LayerNorm's weight and bias over ``step``, the
+    output grid's scale. Only where :func:`accepts` every tensor.
+    """
+    columns = x.shape[-1]
+    out = torch.empty_like(x)
+    _library().evolq_integer_layer_norm(x.data_ptr(), out.data_ptr(), x.numel() // columns, columns, scale.data_ptr(),
+                                        factor.data_ptr(), unit, gain_step.data_ptr(), shift_step.data_ptr(), step,
+                                        torch.get_num_threads())
     return out
 
 

@@ -182,20 +182,44 @@ class QLayerNorm(nn.Module):
     """LayerNorm whose input (the residual stream) is fake-quantized with power-of-two factors.
 
     Without autograd, per-channel (PTF) quantization and LayerNorm run in one compiled pass
-    (:func:`evolq.quant.kernels.ptf_layer_norm`) where it applies.
+    (:func:`evolq.quant.kernels.ptf_layer_norm`) where it applies. With an output quantizer
+    (``integer_output``, the fully quantized placement) it is FQ-ViT's integer LayerNorm instead:
+    :func:`integer_layer_norm` on the quantized input, its output on that quantizer's grid.
     """
 
     def __init__(self, norm: nn.LayerNorm, input_quant: UniformQuantizer) -> None:
         super().__init__()
         self.norm = norm
         self.input_quant = input_quant
+        self._output: tuple[UniformQuantizer, ...] = ()  # the consumer's quantizer, not a submodule of ours
+
+    def integer_output(self, quant: UniformQuantizer) -> None:
+        """Run as an integer LayerNorm whose output lands on ``quant``'s grid (the next layer's input quantizer).
+
+        The quantizer stays the consumer's (its state is saved there); this norm only reads its scale.
+        """
+        self._output = (quant,)
+
+    @property
+    def integer(self) -> bool:
+        """True while this norm computes in integers: an output grid is set and both quantizers quantize."""
+        quants = (self.input_quant, *self._output)
+        return bool(self._output) and all(q.mode == "quant" and q.calibrated for q in quants)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer:
+            return self.normalize(self.input_quant(x))
         grid = self._one_pass_grid(x)
         if grid is not None:
             norm = self.norm
             return kernels.ptf_layer_norm(x, grid.packed, norm.weight, norm.bias, norm.eps)
         return self.norm(self.input_quant(x))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm of an input already on ``input_quant``'s grid (integer where :attr:`integer`, else float)."""
+        if not self.integer:
+            return self.norm(x)
+        return integer_layer_norm(x, self.input_quant, self._output[0], self.norm.weight, self.norm.bias)
 
     def _one_pass_grid(self, x: torch.Tensor) -> Grid | None:
         """The input's grid where the compiled kernel applies (per channel, on levels, a plain LayerNorm, no
@@ -210,3 +234,55 @@ class QLayerNorm(nn.Module):
         fits = (tuple(norm.normalized_shape) == (x.shape[-1],) and len(affine) in (0, 2)
                 and all(kernels.accepts(t) for t in affine) and grid.packed.shape == (4, x.shape[-1]))
         return grid if fits and not tracked else None
+
+
+MULTIPLIER_BITS = 8  # FQ-ViT's integer LayerNorm: each multiplier as an 8-bit integer over a power of two
+
+
+def integer_layer_norm(x: torch.Tensor, input_quant: UniformQuantizer, output_quant: UniformQuantizer,
+                       weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """FQ-ViT's integer LayerNorm of ``x`` (on ``input_quant``'s grid), on ``output_quant``'s grid.
+
+    The input's levels, counted in units of its smallest channel scale (PTF factors are powers of
+    two), are whole numbers: their mean and standard deviation are exact (float64 sums of
+    integers). Each output channel's multiplier ``weight / std / output scale`` becomes an 8-bit
+    integer ``M`` over ``2^N`` and the offset an integer over the same ``2^N``, so the output level
+    is ``round((M * level + B) / 2^N)``, as the integer LayerNorm of FQ-ViT and the released
+    Evol-Q code compute it. Under autograd the roundings pass gradients straight through. Where
+    the compiled kernels take the tensors, one pass per row does the same operations
+    (:func:`evolq.quant.kernels.integer_layer_norm`, bit for bit).
+    """
+    channels = x.shape[-1]
+    scale = input_quant.scale.to(x.dtype).expand(channels).contiguous()  # PTF: one per channel; else one for all
+    unit = scale.min()
+    factor = torch.round(scale / unit)  # the powers of two
+    step = output_quant.scale.to(x.dtype)
+    gain = weight if weight is not None else torch.ones(channels, dtype=x.dtype, device=x.device)
+    shift = bias if bias is not None else torch.zeros(channels, dtype=x.dtype, device=x.device)
+    gain_step, shift_step = gain / step, shift / step
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gain_step, shift_step))
+    if not tracked and all(kernels.accepts(t) for t in (x, scale, gain_step, shift_step)):
+        return kernels.integer_layer_norm(x, scale, factor, float(unit), gain_step, shift_step, float(step))
+    levels = _round(x / scale) * factor  # whole numbers, in units of the smallest scale
+    total = levels.sum(-1, keepdim=True, dtype=torch.float64)
+    squares = levels.pow(2).sum(-1, keepdim=True, dtype=torch.float64)
+    mean = (total / channels).to(x.dtype) * unit
+    std = (unit / channels) * torch.sqrt(channels * squares - total.pow(2)).to(x.dtype)
+    std = std.clamp_min(torch.finfo(x.dtype).tiny)
+    multiplier = unit / std * gain_step  # per row and channel: output levels per input level
+    _, exponent = torch.frexp(multiplier.detach().abs())  # |multiplier| = mantissa * 2^exponent, mantissa in [0.5, 1)
+    shifts = (MULTIPLIER_BITS - exponent).clamp(0, 31)  # N: 2^(bits-1) <= M < 2^bits where it fits
+    power, inverse = torch.exp2(shifts.to(x.dtype)), torch.exp2(-shifts.to(x.dtype))
+    integer_multiplier = (_floor(multiplier.abs() * power)).clamp(0, 2**MULTIPLIER_BITS - 1) * multiplier.sign()
+    offset = _round((shift_step - mean / std * gain_step) * power)
+    return _round((integer_multiplier * levels + offset) * inverse) * step
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)``, passing gradients straight through where autograd tracks ``x``."""
+    return x + (torch.round(x) - x).detach() if x.requires_grad else torch.round(x)
+
+
+def _floor(x: torch.Tensor) -> torch.Tensor:
+    """``floor(x)``, passing gradients straight through where autograd tracks ``x``."""
+    return x + (torch.floor(x) - x).detach() if x.requires_grad else torch.floor(x)

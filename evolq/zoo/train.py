@@ -1,4 +1,9 @@
-"""``evolq train-default``: train the default model from a seed, resumable after every epoch."""
+"""``evolq train-default``: train the default model from a seed into a run folder, resumable after every epoch.
+
+The folder receives the checkpoint and its model card under the embedded files' names; the
+checkpoint loads with ``--model default --checkpoint FOLDER/fmnist_vit.safetensors``. The
+embedded model is never overwritten: replacing it is a deliberate copy into ``evolq/zoo/``.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from evolq.data import load_fmnist
-from evolq.files import save_tensors, sha256, write_json
+from evolq.evaluate import top1
+from evolq.files import atomic_path, save_tensors, sha256, write_json
 from evolq.zoo import DEFAULT_ARCH, DEFAULT_CARD, DEFAULT_CHECKPOINT, default_architecture
+
+DEFAULT_OUT = "runs/train-default"
 
 
 @dataclass
@@ -45,28 +53,15 @@ def _augment(images: torch.Tensor, padding: int, generator: torch.Generator) -> 
     return cropped
 
 
-@torch.inference_mode()
-def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    correct = sum(
-        (model(images[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size]).sum().item()
-        for i in range(0, len(images), batch_size)
-    )
-    return 100.0 * correct / len(images)
+def train_default(recipe: Recipe = Recipe(), out: str | Path = DEFAULT_OUT, data_dir: str | None = None) -> dict:
+    """Train; write ``out/fmnist_vit.safetensors`` and its model card ``out/fmnist_vit.json``.
 
-
-def train_default(
-    recipe: Recipe = Recipe(),
-    work_dir: str | Path = "runs/train-default",
-    checkpoint: str | Path = DEFAULT_CHECKPOINT,
-    card: str | Path = DEFAULT_CARD,
-    data_dir: str | None = None,
-) -> dict:
-    """Train, write the safetensors checkpoint and its model card; resume from ``work_dir`` if present."""
+    ``out/state.pt`` keeps the training state after every epoch; a run finds it and resumes.
+    Returns the model card, with the checkpoint's path under ``checkpoint``.
+    """
     torch.manual_seed(recipe.seed)
-    work_dir = Path(work_dir)
-    state_file = work_dir / "state.pt"
+    out = Path(out)
+    state_file, checkpoint, card = out / "state.pt", out / DEFAULT_CHECKPOINT.name, out / DEFAULT_CARD.name
     train_x, train_y = load_fmnist("train", data_dir)
     test_x, test_y = load_fmnist("test", data_dir)
     model = default_architecture()
@@ -75,7 +70,8 @@ def train_default(
     total, warmup = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))),
+        lambda step: (step + 1) / warmup if step < warmup
+        else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))),  # 1 epoch: no cosine part
     )
     generator = torch.Generator().manual_seed(recipe.seed)
     start_epoch, log = 0, []
@@ -100,21 +96,19 @@ def train_default(
             optimizer.step()
             schedule.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        accuracy = top1(model, test_x, test_y)
+        accuracy = top1(model.eval(), (test_x, test_y))
         log.append(accuracy)
         print(f"epoch {epoch + 1}/{recipe.epochs}: test top-1 {accuracy:.2f}%", flush=True)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_suffix(".tmp")
-        torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-                        generator=generator.get_state(), epoch=epoch + 1, log=log), tmp)
-        tmp.replace(state_file)
+        with atomic_path(state_file) as tmp:
+            torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                            generator=generator.get_state(), epoch=epoch + 1, log=log), tmp)
     save_tensors(checkpoint, model.state_dict())
     info = dict(
         name="evolq fmnist_vit",
         architecture=dict(family="timm.models.vision_transformer.VisionTransformer", **DEFAULT_ARCH),
         parameters=sum(p.numel() for p in model.parameters()),
         recipe=asdict(recipe),
-        data="Fashion-MNIST train (60,000 images), evaluated on the 10,000 test images",
+        data=f"Fashion-MNIST train ({len(train_x):,} images), evaluated on the {len(test_x):,} test images",
         test_top1=round(log[-1], 2),
         test_top1_per_epoch=[round(a, 2) for a in log],
         train_seconds_this_session=round(time.time() - started, 1),
@@ -123,4 +117,4 @@ def train_default(
         command="evolq train-default",
     )
     write_json(card, info)
-    return info
+    return dict(info, checkpoint=str(checkpoint))

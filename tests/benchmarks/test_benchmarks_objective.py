@@ -24,7 +24,7 @@ from evolq_testing import random_vit
 from evolq.allocator import reuse_freed_memory
 from evolq.errors import UsageError
 from evolq.objective import BlockObjective, fp_logits
-from evolq.qmodel import QuantizedModel, batches
+from evolq.qmodel import QuantizedModel
 from evolq.zoo import DEFAULT_ARCH
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def test_fast_paths_give_the_reference_loss(setup, block):
 def test_block_inputs_passed_in_equal_the_computed_prefix(setup):
     qmodel, images, targets = setup
     with torch.no_grad():
-        inputs = [qmodel.prefix(b, 0) for b in batches(images, BATCH)]
+        inputs = [qmodel.prefix(b, 0) for b in images.split(BATCH)]
         for module in qmodel.model.blocks[:2]:
             inputs = [module(h) for h in inputs]
     given = BlockObjective(qmodel, 2, images, batch_size=BATCH, targets=targets, inputs=inputs)

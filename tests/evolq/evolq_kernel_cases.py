@@ -63,4 +63,12 @@ def outputs(kernels) -> dict[str, torch.Tensor]:
         weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
         out[f"layer_norm {rows}x{channels}"] = kernels.ptf_layer_norm(x, params, weight, bias, 1e-6)
         out[f"layer_norm {rows}x{channels} plain"] = kernels.ptf_layer_norm(x, params, None, None, 1e-5)
+    for rows, channels in [(300, 192), (9, 5)]:
+        x = torch.randn(rows, channels, generator=g) * torch.linspace(0.5, 8, channels)
+        factor = 2.0 ** torch.randint(0, 4, (channels,), generator=g).float()  # PTF: powers of two
+        unit, step = 0.05, 0.03
+        gain_step = torch.randn(channels, generator=g) / step
+        shift_step = torch.randn(channels, generator=g) / step
+        out[f"integer_layer_norm {rows}x{channels}"] = kernels.integer_layer_norm(
+            x, (unit * factor).contiguous(), factor, unit, gain_step, shift_step, step)
     return out

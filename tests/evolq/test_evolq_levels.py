@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from evolq_testing import DEPTH, LEVELS_RTOL
+from evolq_testing import CALIB_BATCH, DEPTH, LEVELS_RTOL
 from timm.models.vision_transformer import VisionTransformer
 
 import evolq.quant.attention
@@ -81,16 +81,23 @@ def small_deit(seed: int = 0) -> VisionTransformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("preset, softmax", [("w4a8", "uniform"), ("w3a4", "uniform"), ("w4a8", "log2")])
-def test_attention_on_levels_equals_its_dequantized_form(preset, softmax, counted):
+@pytest.mark.parametrize("preset, softmax, placement", [
+    ("w4a8", "uniform", "inputs"), ("w3a4", "uniform", "inputs"), ("w4a8", "log2", "inputs"),
+    ("w4a8", "uniform", "full"), ("w3a4", "uniform", "full"),
+])
+def test_attention_on_levels_equals_its_dequantized_form(preset, softmax, placement, counted):
     from evolq.quant.config import QuantConfig
 
     images = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    config = QuantConfig.preset(preset, softmax=softmax, softmax_bits=4 if softmax == "log2" else 8)
+    config = QuantConfig.preset(preset, softmax=softmax, softmax_bits=4 if softmax == "log2" else 8,
+                                placement=placement)
     qmodel = QuantizedModel(small_deit(), config).calibrate(images, batch_size=20, progress=False)
     attn = qmodel.model.blocks[1].attn
-    zero_points = {int(q.zero_point) for q in (attn.q_quant, attn.k_quant, attn.v_quant)}
-    assert len(zero_points) > 1  # q, k and v each round on their own grid in the one pass
+    if placement == "inputs":
+        zero_points = {int(q.zero_point) for q in (attn.q_quant, attn.k_quant, attn.v_quant)}
+        assert len(zero_points) > 1  # q, k and v each round on their own grid in the one pass
+    else:  # one grid for the whole qkv output, and the scores rounded before the softmax
+        assert attn.qkv_quant.calibrated and attn.score_quant.calibrated
     with torch.inference_mode():
         x = qmodel.model.blocks[1].norm1(qmodel.prefix(images, 1))
         before = counted["bmm"]
@@ -122,9 +129,24 @@ def assert_only_neighbouring_levels(logits: torch.Tensor, plain: torch.Tensor, s
     assert (steps <= 3).all()
 
 
-def test_fused_mlp_and_layer_norms_run_only_where_they_apply(qmodel, images, monkeypatch):
+@pytest.fixture(scope="module")
+def inputs_placement(fp_model, calib_images):
+    """The w4a8 model with only the matmul and norm inputs quantized (float LayerNorms)."""
+    from evolq.quant.config import QuantConfig
+
+    config = QuantConfig.preset("w4a8", placement="inputs")
+    return QuantizedModel(fp_model, config).calibrate(calib_images, batch_size=CALIB_BATCH, progress=False)
+
+
+@pytest.mark.parametrize("placement", ["full", "inputs"])
+def test_fused_mlp_and_layer_norms_run_only_where_they_apply(placement, qmodel, inputs_placement, images, monkeypatch):
+    if placement == "inputs":
+        qmodel = inputs_placement
     calls = {"gelu": 0, "norm": 0}
-    for key, name in (("gelu", "bias_gelu_levels_"), ("norm", "ptf_layer_norm")):
+    # "full": FQ-ViT's integer LayerNorm, its kernel bit for bit its torch ops, so it also runs dequantized
+    norm_kernel = "integer_layer_norm" if placement == "full" else "ptf_layer_norm"
+    dequantized_norms = 2 if placement == "full" else 0
+    for key, name in (("gelu", "bias_gelu_levels_"), ("norm", norm_kernel)):
         def counting(*args, _original=getattr(kernels, name), _key=key):
             calls[_key] += 1
             return _original(*args)
@@ -139,12 +161,12 @@ def test_fused_mlp_and_layer_norms_run_only_where_they_apply(qmodel, images, mon
             plain = block(h)
         with qmodel.dequantized():
             block(h)
-    assert calls == {"gelu": 1, "norm": 2}  # torch's ops in both
+    assert calls == {"gelu": 1, "norm": 2 + dequantized_norms}  # torch's ops in both
     # the same block up to values moved to a neighbouring level by another float rounding
     assert (fused - plain).abs().mean() < 1e-3 * plain.abs().mean()
     tracked = h.clone().requires_grad_(True)
     block(tracked).sum().backward()
-    assert calls == {"gelu": 1, "norm": 2} and tracked.grad.abs().sum() > 0  # autograd: torch's ops
+    assert calls == {"gelu": 1, "norm": 2 + dequantized_norms} and tracked.grad.abs().sum() > 0  # autograd: torch's
 
 
 def test_nothing_runs_on_levels_under_autograd(qmodel, images, counted):

@@ -106,9 +106,10 @@ def test_quant_state_round_trip_on_a_fresh_model(qmodel, fp_model, images, tmp_p
     block = qmodel.block(2)
     block.set_scales(block.scales() * np.linspace(0.9, 1.1, block.dim))  # searched, not calibrated, scales
     state = qmodel.quant_state()
-    # per block: 14 quantizers (norm1, qkv in+w, q, k, v, softmax, proj in+w, norm2, fc1 in+w, fc2 in+w);
-    # besides: patch embed in+w, final norm, head in+w+out = 6 quantizers; 2 tensors each.
-    assert len(state) == 2 * (14 * DEPTH + 6)
+    # "full" (the default), per block: 15 quantizers (norm1, qkv in+w+out, scores, softmax, proj in+w+out,
+    # norm2, fc1 in+w, fc2 in+w+out); besides: patch embed in+w+out, tokens, position, final norm,
+    # head in+w+out = 9 quantizers; 2 tensors each.
+    assert len(state) == 2 * (15 * DEPTH + 9)
     assert all(t.numel() > 0 for t in state.values())
     with torch.inference_mode():
         expected = qmodel(images)

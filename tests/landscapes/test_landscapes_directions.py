@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from landscapes import direction
+from landscapes.directions import describe_steps
 
 X0 = np.array([0.5, -2.0, 1.5, 4.0, -0.25])
 
@@ -25,9 +26,13 @@ def test_absolute_has_unit_rms_per_element():
     assert rms(d) == pytest.approx(1.0)
 
 
-def test_elementwise_keeps_zero_elements_fixed():
+def test_elementwise_gives_zero_elements_absolute_steps():
     x0 = np.array([1.0, 0.0, 2.0])
-    assert direction(x0, seed=0)[1] == 0.0
+    elementwise, absolute = direction(x0, seed=0), direction(x0, seed=0, normalize="absolute")
+    assert elementwise[1] == absolute[1] != 0.0
+    np.testing.assert_allclose(elementwise[[0, 2]], absolute[[0, 2]] * [1.0, 2.0])
+    assert "1 of 3 elements that are 0 in x0 take absolute steps" in describe_steps(x0, "elementwise")
+    assert "absolute" not in describe_steps(np.ones(3), "elementwise")
 
 
 def test_coordinate_directions():
@@ -77,6 +82,8 @@ def test_bad_start_point_is_named(x0, named):
     assert named in str(error.value)
 
 
-def test_elementwise_direction_of_a_zero_vector_is_refused():
-    with pytest.raises(ValueError, match="normalize='absolute'"):
-        direction(np.zeros(4), seed=0)
+@pytest.mark.parametrize("kind, index", [("random", None), ("coordinate", 2)])
+def test_elementwise_direction_from_a_zero_vector_takes_absolute_steps(kind, index):
+    d = direction(np.zeros(4), kind, seed=0, index=index)
+    np.testing.assert_array_equal(d, direction(np.zeros(4), kind, seed=0, index=index, normalize="absolute"))
+    assert np.any(d)

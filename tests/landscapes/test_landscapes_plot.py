@@ -109,3 +109,18 @@ def test_non_finite_values_still_plot_with_roughness_marked_unavailable():
     assert "roughness n/a" in title and "non-finite" in title
     main = heatmaps(fig)[0]
     assert np.isfinite(main.norm.vmax)
+
+
+def test_a_users_function_from_zeros_plots_and_the_caption_says_how_offsets_step():
+    fig = plot_landscape(lambda x: float(np.sum(x**2)), np.zeros(4), radius=0.5, points=9, points_1d=9,
+                         progress=False)
+    heatmap = heatmaps(fig)[0].get_array()
+    assert np.ptp(heatmap) > 0  # the slice moved
+    assert "4 of 4 elements that are 0 in x0 take absolute steps" in fig._supxlabel.get_text()
+
+
+def test_values_are_labelled_with_value_label():
+    fig = plot_landscape(jagged, X0, value_label="change in top-1 (%)", **SMALL)
+    colour_bar = [ax for ax in fig.axes if ax.get_ylabel() == "change in top-1 (%)" and not ax.get_xlabel()]
+    line = [ax for ax in fig.axes if ax.get_xlabel() == "offset along d"]
+    assert len(colour_bar) == 1 and line[0].get_ylabel() == "change in top-1 (%)"

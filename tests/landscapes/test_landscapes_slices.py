@@ -72,6 +72,17 @@ def test_directions_are_recorded_and_shared_between_1d_and_2d():
     assert len(pd.concat([one, one])) == 10  # attrs hold tuples, so frames still concatenate
 
 
+@pytest.mark.parametrize("normalize", ["elementwise", "absolute"])
+def test_slices_from_zeros_move_and_record_how_offsets_step(normalize):
+    zeros = np.zeros(3)
+    one = slice_1d(square_norm, zeros, radius=0.5, points=5, normalize=normalize, progress=False)
+    two = slice_2d(square_norm, zeros, radius=0.5, points=5, normalize=normalize, progress=False)
+    assert one["value"].max() > 0 and two["value"].max() > 0
+    assert "absolute steps" in one.attrs["steps"] and one.attrs["steps"] == two.attrs["steps"]
+    given = slice_1d(square_norm, zeros, np.ones(3), points=5, progress=False)
+    assert given.attrs["steps"] == "given directions, used as they are"
+
+
 def test_batch_path_is_used_in_chunks_and_matches_the_loop():
     counting = Counting()
     batched = slice_1d(counting, X0, points=41, batch_size=16, progress=False)

@@ -61,7 +61,7 @@ def test_unknown_option_lists_the_options():
     ("ng:OnePlusOne", {"eps": float("inf")}, "eps must be a finite number > 0"),
 ])
 def test_bad_option_values_name_the_value_and_what_is_allowed(name, options, word):
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(optimizers.InputError, match=word):  # a ValueError, told apart from bugs by its type
         make(name, **options)
 
 

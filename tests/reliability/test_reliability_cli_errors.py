@@ -275,15 +275,30 @@ def test_compare_rejects_bad_values(tmp_path, extra, needles):
 
 
 # -- tracebacks ------------------------------------------------------------------------------
-def test_debug_lets_the_exception_through(tmp_path):
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_lets_the_exception_through(tmp_path, where):
     from evolq.cli import main
 
+    command = ["quantize", "--model", "resnet50", "--out", str(tmp_path / "out")]
     handler = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(UsageError, match="'resnet50'"):
-            main(["--debug", "quantize", "--model", "resnet50", "--out", str(tmp_path / "out")])
+            main(["--debug", *command] if where == "before" else [*command, "--debug"])
     finally:
         signal.signal(signal.SIGTERM, handler)
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug's message"), KeyError("a bug's key")])
+def test_an_internal_error_is_not_a_usage_error(monkeypatch, tmp_path, error):
+    import evolq.pipeline
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(evolq.pipeline, "run_quantize", broken)
+    line = run_main("quantize", "--out", tmp_path / "out").check_error(1, "evolq: internal error:",
+                                                                       type(error).__name__, "a bug's")
+    assert line.endswith("please report it (run with --debug for the traceback)")
 
 
 def test_real_entry_point_exit_codes_and_no_traceback(tmp_path):
