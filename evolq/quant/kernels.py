@@ -176,6 +176,19 @@ def accepts(x: torch.Tensor) -> bool:
     return _library() is not None
 
 
+def _takes(tensor: torch.Tensor | None, numel: int | None = None) -> bool:
+    """What the C code assumes of a tensor it reads or writes: contiguous float32 on the CPU, ``numel`` values."""
+    return tensor is None or (tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.is_contiguous()
+                              and (numel is None or tensor.numel() == numel))
+
+
+def _check(name: str, *fits: bool) -> None:
+    """A TypeError, not memory written past a buffer, where a caller hands the C code something else."""
+    if not all(fits):
+        raise TypeError(f"evolq.quant.kernels.{name} takes contiguous float32 CPU tensors of matching sizes "
+                        "(see accepts())")
+
+
 def quantize(x: torch.Tensor, params: torch.Tensor, out: torch.Tensor | None = None,
              dequantize: bool = False) -> torch.Tensor:
     """``clamp(round(x * inverse), low, high)`` (``* scale`` if ``dequantize``) into ``out`` (default: new).
@@ -186,6 +199,7 @@ def quantize(x: torch.Tensor, params: torch.Tensor, out: torch.Tensor | None = N
     per_column = params.dim() == 2
     columns = x.shape[-1] if per_column else max(x.numel(), 1)
     out = torch.empty_like(x) if out is None else out
+    _check("quantize", _takes(x), _takes(out, x.numel()), _takes(params, 4 * columns if per_column else 4))
     _library().evolq_quantize(x.data_ptr(), out.data_ptr(), x.numel() // columns, columns, params.data_ptr(),
                               int(per_column), int(dequantize), torch.get_num_threads())
     return out
@@ -199,6 +213,8 @@ def split_heads(product: torch.Tensor, bias: torch.Tensor | None, params: torch.
     """
     batch, tokens, columns = product.shape
     head_dim = columns // (3 * heads)
+    _check("split_heads", _takes(product), _takes(bias, columns), _takes(params, 4 * columns),
+           columns == 3 * heads * head_dim)
     out = product.new_empty(3, batch * heads, tokens, head_dim)
     _library().evolq_split_heads(product.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
                                  batch, tokens, heads, head_dim, params.data_ptr(), torch.get_num_threads())
@@ -210,13 +226,13 @@ def bias_gelu_levels_(x: torch.Tensor, bias: torch.Tensor | None, params: torch.
 
     One pass instead of torch's bias, GELU and rounding. Not bit for bit: its erf is a polynomial
     (GELU within 9e-7 of exact; torch's within 1.2e-6), so a value that close to a rounding
-    boundary may land on the neighbouring level. Only where :func:`accepts` ``x``. On an x86 CPU
-    without FMA torch's ops run (see :func:`softmax_levels_`).
+    boundary may land on the neighbouring level. Torch's ops run instead on an x86 CPU without
+    FMA (see :func:`softmax_levels_`) and for tensors the kernel does not take (another dtype).
     """
-    if not _library().fast_fma:
+    columns = x.shape[-1]
+    if not (_library().fast_fma and _takes(x) and _takes(bias, columns) and _takes(params, 4)):
         hidden = x if bias is None else x.add_(bias)
         return _torch_levels_(x.copy_(torch.nn.functional.gelu(hidden)), params)
-    columns = x.shape[-1]
     _library().evolq_bias_gelu_levels(x.data_ptr(), None if bias is None else bias.data_ptr(), x.numel() // columns,
                                       columns, params.data_ptr(), torch.get_num_threads())
     return x
@@ -230,6 +246,7 @@ def ptf_layer_norm(x: torch.Tensor, params: torch.Tensor, weight: torch.Tensor |
     output matches torch's within float rounding, not bit for bit. Only where :func:`accepts` ``x``.
     """
     columns = x.shape[-1]
+    _check("ptf_layer_norm", _takes(x), _takes(params, 4 * columns), _takes(weight, columns), _takes(bias, columns))
     out = torch.empty_like(x)
     _library().evolq_ptf_layer_norm(x.data_ptr(), out.data_ptr(), x.numel() // columns, columns, params.data_ptr(),
                                     None if weight is None else weight.data_ptr(),
@@ -246,6 +263,7 @@ def integer_layer_norm(x: torch.Tensor, scale: torch.Tensor, factor: torch.Tenso
     output grid's scale. Only where :func:`accepts` every tensor.
     """
     columns = x.shape[-1]
+    _check("integer_layer_norm", _takes(x), *(_takes(t, columns) for t in (scale, factor, gain_step, shift_step)))
     out = torch.empty_like(x)
     _library().evolq_integer_layer_norm(x.data_ptr(), out.data_ptr(), x.numel() // columns, columns, scale.data_ptr(),
                                         factor.data_ptr(), unit, gain_step.data_ptr(), shift_step.data_ptr(), step,
@@ -259,9 +277,10 @@ def softmax_levels_(scores: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     One pass over each row instead of torch's softmax and the rounding; its exp and its order of
     summation are its own (within float rounding of torch's). Only where :func:`accepts` ``scores``.
     On an x86 CPU without FMA (before 2013) the fused multiply-adds of its exp would each be a
-    call into glibc, tens of times slower than torch's softmax: torch's ops run there instead.
+    call into glibc, tens of times slower than torch's softmax: torch's ops run there instead, as
+    for tensors the kernel does not take (another dtype).
     """
-    if not _library().fast_fma:
+    if not (_library().fast_fma and _takes(scores) and _takes(params, 4)):
         return _torch_levels_(scores.copy_(torch.softmax(scores, dim=-1)), params)
     columns = scores.shape[-1]
     _library().evolq_softmax_levels(scores.data_ptr(), scores.numel() // columns, columns, params.data_ptr(),

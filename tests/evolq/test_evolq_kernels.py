@@ -330,3 +330,28 @@ def test_without_fma_softmax_and_gelu_are_torchs(monkeypatch):
     assert same(kernels.softmax_levels_(scores.clone(), grid.packed), torch_levels(torch.softmax(scores, -1), grid))
     expected = torch_levels(torch.nn.functional.gelu(hidden + bias), grid)
     assert same(kernels.bias_gelu_levels_(hidden.clone(), bias, grid.packed), expected)
+
+
+@needs_compiler
+def test_what_a_kernel_cannot_take_is_refused_or_left_to_torch():
+    """The C code reads and writes float32 in place: another dtype or size is a TypeError (or, for the
+    approximate kernels, torch's ops), never memory written past a buffer (a bfloat16 hidden layer
+    under autocast did that: a heap corruption, found by benchmarks/objective.py --quick)."""
+    x = awkward((4, 16))
+    with pytest.raises(TypeError, match="quantize"):
+        kernels.quantize(x.bfloat16(), per_tensor().packed)
+    with pytest.raises(TypeError, match="quantize"):
+        kernels.quantize(x, per_column(8).packed)  # a grid for 8 columns, 16 given
+    with pytest.raises(TypeError, match="split_heads"):
+        kernels.split_heads(awkward((2, 3, 48)), torch.zeros(47), per_column(48).packed, heads=1)
+    with pytest.raises(TypeError, match="ptf_layer_norm"):
+        kernels.ptf_layer_norm(x, per_column(16).packed, torch.ones(15), torch.zeros(15), 1e-6)
+    with pytest.raises(TypeError, match="integer_layer_norm"):
+        ones = torch.ones(16)
+        kernels.integer_layer_norm(x.double(), ones, ones, 1.0, ones, ones, 1.0)
+    grid = Grid(inverse=20.0, low=-4.0, high=251.0, scale=0.05)
+    hidden, bias = torch.randn(8, 256).bfloat16(), torch.randn(256)
+    expected = torch_levels(torch.nn.functional.gelu(hidden.clone().add_(bias)), grid)
+    assert same(kernels.bias_gelu_levels_(hidden.clone(), bias, grid.packed), expected)
+    scores = torch.randn(8, 50).bfloat16()
+    assert same(kernels.softmax_levels_(scores.clone(), grid.packed), torch_levels(torch.softmax(scores, -1), grid))
