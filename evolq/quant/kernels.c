@@ -6,23 +6,124 @@
  * mul; an add first where a bias comes in), so the result is the same bit for bit; rint rounds
  * halves to even, as torch.round does; NaN stays NaN, as with torch.clamp. The threads are those
  * of torch's OpenMP runtime (the same libgomp.so.1).
+ *
+ * The same numbers on every machine: each kernel is compiled for several instruction sets (the
+ * clones below; GCC picks one by the CPU at load time) and gives the same bits in every clone and
+ * with any number of threads. kernels.py compiles with -ffp-contract=off, so no a * b + c becomes
+ * a fused multiply-add behind our back; the polynomials call fmaf() where they mean one (always
+ * correctly rounded: one instruction where the CPU has FMA, glibc's exact routine where it has
+ * not). Sums over a row (softmax, LayerNorm) run in LANES partial sums and a fixed tree (see
+ * row_sum), an order that is the same whatever the vector width; no OpenMP simd reductions,
+ * which may reassociate by the width. A row is never split between threads. Tested:
+ * tests/evolq/test_evolq_kernels.py builds each clone alone (EVOLQ_KERNELS=generic, x86-64-v3,
+ * avx512f) and compares bit for bit.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* EVOLQ_ONLY_* (kernels.py, EVOLQ_KERNELS=...) builds one clone alone, for the tests above. */
+#if defined(EVOLQ_ONLY_GENERIC)
+#define CLONES
+#elif defined(EVOLQ_ONLY_X86_64_V3)
+#define CLONES __attribute__((target("arch=x86-64-v3")))
+#elif defined(EVOLQ_ONLY_AVX512F)
+#define CLONES __attribute__((target("avx512f")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 /* x86-64-v3: AVX2 with FMA (a plain "avx2" clone leaves FMA out: 10-20 % slower GELU and softmax). */
 #define CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define CLONES
 #endif
 
+/* The clone that runs, as kernels.py names them: 0 generic, 1 x86-64-v3, 2 avx512f; -1 where a
+ * clone forced by EVOLQ_ONLY_* needs more than this CPU has. GCC's dispatcher prefers them in
+ * this order (its priorities: avx512f over arch=x86-64-v3 over default). */
+int evolq_instruction_set(void) {
+#if defined(EVOLQ_ONLY_GENERIC) || !(defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__))
+    return 0;
+#else
+    __builtin_cpu_init();
+#if defined(EVOLQ_ONLY_X86_64_V3)
+    return __builtin_cpu_supports("x86-64-v3") ? 1 : -1;
+#elif defined(EVOLQ_ONLY_AVX512F)
+    return __builtin_cpu_supports("avx512f") ? 2 : -1;
+#else
+    return __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
+#endif
+#endif
+}
+
+/* 1 where fmaf() is one instruction: an x86 CPU with FMA, or another architecture (aarch64 has it
+ * always). Elsewhere glibc computes it exactly in software, a call per multiply-add: kernels.py
+ * then runs torch's softmax and GELU instead of these. */
+int evolq_has_fma(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("fma") != 0;
+#else
+    return 1;
+#endif
+}
+
 #define MIN_PARALLEL 16384 /* elements below which one thread is faster */
 
 static inline float clamp(float v, float low, float high) { /* in this order a max and a min; NaN stays NaN */
     const float above = low > v ? low : v;
     return high < above ? high : above;
+}
+
+/* Sums in an order of their own, the same in every clone: element j goes into partial sum
+ * j % LANES, and the partial sums are added in a fixed tree. The compiler keeps the partial sums
+ * in one AVX-512 register, two AVX2 or four SSE registers: the same additions in the same order
+ * (it may not reassociate float additions without -ffast-math). "omp simd" on the loops over the
+ * lanes only says that the lanes are independent (no reduction clause: nothing is reordered);
+ * without it GCC leaves the maximum's lanes scalar. */
+#define LANES 16
+
+static inline float sum_of_lanes(float *lane) { /* lane is overwritten */
+    for (int width = LANES / 2; width >= 1; width /= 2)
+        for (int k = 0; k < width; ++k) lane[k] = lane[k] + lane[k + width];
+    return lane[0];
+}
+
+static inline float row_sum(const float *v, int64_t n) {
+    float lane[LANES] = {0.0f};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        #pragma omp simd
+        for (int k = 0; k < LANES; ++k) lane[k] += v[j + k];
+    }
+    for (int k = 0; j + k < n; ++k) lane[k] += v[j + k];
+    return sum_of_lanes(lane);
+}
+
+static inline float row_squares(const float *v, int64_t n, float mean) { /* sum of (v - mean)^2, in row_sum's order */
+    float lane[LANES] = {0.0f};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        #pragma omp simd
+        for (int k = 0; k < LANES; ++k) lane[k] += (v[j + k] - mean) * (v[j + k] - mean);
+    }
+    for (int k = 0; j + k < n; ++k) lane[k] += (v[j + k] - mean) * (v[j + k] - mean);
+    return sum_of_lanes(lane);
+}
+
+static inline float larger(float a, float b) { return a > b ? a : b; }
+
+/* The largest number of v, -inf where there is none (NaN never enters): exact in any order. */
+static inline float row_max(const float *v, int64_t n) {
+    float lane[LANES];
+    for (int k = 0; k < LANES; ++k) lane[k] = -INFINITY;
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        #pragma omp simd
+        for (int k = 0; k < LANES; ++k) lane[k] = larger(v[j + k], lane[k]);
+    }
+    for (int k = 0; j + k < n; ++k) lane[k] = larger(v[j + k], lane[k]);
+    for (int width = LANES / 2; width >= 1; width /= 2)
+        for (int k = 0; k < width; ++k) lane[k] = larger(lane[k + width], lane[k]);
+    return lane[0];
 }
 
 CLONES static void run_flat(const float *x, float *out, int64_t begin, int64_t end, float inverse, float low,
@@ -108,11 +209,16 @@ void evolq_split_heads(const float *product, const float *bias, float *out, int6
 }
 
 /* erf by Abramowitz & Stegun 7.1.28, 1 - 1/p(|x|)^16 (|error| < 3e-7); evaluated in float32 it
- * puts GELU within 9e-7 of float64, torch's own kernel within 1.2e-6 (measured on [-30, 30]). */
+ * puts GELU within 9e-7 of float64, torch's own kernel within 1.2e-6 (measured on [-30, 30]).
+ * Horner's steps are fused multiply-adds, written out (fmaf), so every clone rounds them alike. */
 static inline float erf_approx(float x) {
     const float a = fabsf(x);
-    float p = (((((4.30638e-5f * a + 2.765672e-4f) * a + 1.520143e-4f) * a + 9.2705272e-3f) * a + 4.22820123e-2f) * a
-               + 7.05230784e-2f) * a + 1.0f;
+    float p = fmaf(4.30638e-5f, a, 2.765672e-4f);
+    p = fmaf(p, a, 1.520143e-4f);
+    p = fmaf(p, a, 9.2705272e-3f);
+    p = fmaf(p, a, 4.22820123e-2f);
+    p = fmaf(p, a, 7.05230784e-2f);
+    p = fmaf(p, a, 1.0f);
     p = p * p;
     p = p * p;
     p = p * p;
@@ -120,13 +226,18 @@ static inline float erf_approx(float x) {
     return copysignf(1.0f - 1.0f / p, x);
 }
 
+static inline float gelu_level(float v, float inverse, float low, float high) {
+    return clamp(rintf(0.5f * v * (1.0f + erf_approx(v * 0.70710678118654752f)) * inverse), low, high);
+}
+
 CLONES static void bias_gelu_rows(float *x, const float *bias, int64_t begin, int64_t end, int64_t cols,
                                   float inverse, float low, float high) {
-    for (int64_t r = begin; r < end; ++r) {
+    for (int64_t r = begin; r < end; ++r) { /* two loops: a test of bias inside keeps GCC from vectorizing for AVX2 */
         float *row = x + r * cols;
-        for (int64_t j = 0; j < cols; ++j) {
-            const float v = bias ? row[j] + bias[j] : row[j];
-            row[j] = clamp(rintf(0.5f * v * (1.0f + erf_approx(v * 0.70710678118654752f)) * inverse), low, high);
+        if (bias) {
+            for (int64_t j = 0; j < cols; ++j) row[j] = gelu_level(row[j] + bias[j], inverse, low, high);
+        } else {
+            for (int64_t j = 0; j < cols; ++j) row[j] = gelu_level(row[j], inverse, low, high);
         }
     }
 }
@@ -149,20 +260,21 @@ CLONES static void ptf_norm_rows(const float *x, float *out, int64_t begin, int6
     const float *inverse = params, *low = params + cols, *high = params + 2 * cols, *scale = params + 3 * cols;
     for (int64_t r = begin; r < end; ++r) {
         const float *in = x + r * cols;
-        float *row = out + r * cols, sum = 0.0f, squares = 0.0f;
-        #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < cols; ++j) {
-            row[j] = clamp(rintf(in[j] * inverse[j]), low[j], high[j]) * scale[j];
-            sum += row[j];
+        float *row = out + r * cols;
+        float lane[LANES] = {0.0f}; /* the fake quantization and its sum (row_sum's order) in one pass */
+        int64_t j = 0;
+        for (; j + LANES <= cols; j += LANES) {
+            #pragma omp simd
+            for (int64_t i = j; i < j + LANES; ++i)
+                lane[i - j] += row[i] = clamp(rintf(in[i] * inverse[i]), low[i], high[i]) * scale[i];
         }
-        const float mean = sum / (float)cols;
-        #pragma omp simd reduction(+ : squares)
-        for (int64_t j = 0; j < cols; ++j) squares += (row[j] - mean) * (row[j] - mean);
-        const float rstd = 1.0f / sqrtf(squares / (float)cols + eps);
+        for (int64_t i = j; i < cols; ++i) lane[i - j] += row[i] = clamp(rintf(in[i] * inverse[i]), low[i], high[i]) * scale[i];
+        const float mean = sum_of_lanes(lane) / (float)cols;
+        const float rstd = 1.0f / sqrtf(row_squares(row, cols, mean) / (float)cols + eps);
         if (weight && bias) {
-            for (int64_t j = 0; j < cols; ++j) row[j] = (row[j] - mean) * rstd * weight[j] + bias[j];
+            for (j = 0; j < cols; ++j) row[j] = (row[j] - mean) * rstd * weight[j] + bias[j];
         } else {
-            for (int64_t j = 0; j < cols; ++j) row[j] = (row[j] - mean) * rstd;
+            for (j = 0; j < cols; ++j) row[j] = (row[j] - mean) * rstd;
         }
     }
 }
@@ -170,7 +282,7 @@ CLONES static void ptf_norm_rows(const float *x, float *out, int64_t begin, int6
 /* LayerNorm of the fake-quantized residual stream (FQ-ViT's PTF quantizer: one grid per channel),
  * one pass: out = layer_norm(fake_quantize(x)) over each row of cols values; params: inverse,
  * low, high, scale, cols values each; weight and bias: cols values each, or both none. Not bit
- * for bit torch's LayerNorm (its own order of the sums; the same within float rounding). */
+ * for bit torch's LayerNorm (its own order of the sums, row_sum's; the same within float rounding). */
 void evolq_ptf_layer_norm(const float *x, float *out, int64_t rows, int64_t cols, const float *params,
                           const float *weight, const float *bias, double eps, int threads) {
     if (rows * cols < MIN_PARALLEL) threads = 1;
@@ -182,19 +294,19 @@ void evolq_ptf_layer_norm(const float *x, float *out, int64_t rows, int64_t cols
 
 /* e^x for -87 <= x <= 0 (the caller clamps: a clamp in here becomes a branch that GCC cannot
  * vectorize for AVX2, since the clamped value's result is a constant): Cody-Waite reduction and
- * Cephes' degree-5 polynomial (within 1e-7 relative, as torch's exp); the whole number n of
- * x / ln 2 is taken from the bits of a float sum (no float-to-int conversion), so NaN stays NaN. */
+ * Cephes' degree-5 polynomial (within 1e-7 relative, as torch's exp), its steps fused
+ * multiply-adds written out (fmaf: the same in every clone); the whole number n of x / ln 2 is
+ * taken from the bits of a float sum (no float-to-int conversion), so NaN stays NaN. */
 static inline float exp_nonpositive(float y) {
     const float magic = 12582912.0f; /* 1.5 * 2^23: its sum rounds to a whole */
-    const float shifted = y * 1.44269504088896341f + magic, n = shifted - magic;
-    const float r = (y - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    const float shifted = fmaf(y, 1.44269504088896341f, magic), n = shifted - magic;
+    const float r = fmaf(n, 2.12194440e-4f, fmaf(-n, 0.693359375f, y));
+    float p = fmaf(1.9875691500e-4f, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r) + 1.0f;
     int32_t bits;
     memcpy(&bits, &shifted, sizeof bits);
     bits = (bits - 0x4B400000 + 127) << 23; /* 2^n: n + 127 in the exponent field */
@@ -203,29 +315,37 @@ static inline float exp_nonpositive(float y) {
     return p * two_n;
 }
 
+static inline float exp_into(float *v, float *lane) { /* v = e^v, its sum into the lane (row_sum's order) */
+    const float e = exp_nonpositive(*v);
+    *v = e;
+    return *lane + e;
+}
+
+/* A row with a NaN comes out all NaN, as torch's: its sum is NaN (row_max leaves NaN out; a row
+ * with +inf, or only -inf or NaN, gives inf - inf = NaN). The exp and the sum share one pass. */
 CLONES static void softmax_rows(float *x, int64_t begin, int64_t end, int64_t cols, float inverse, float low,
                                 float high) {
     for (int64_t r = begin; r < end; ++r) {
-        float *row = x + r * cols, top = row[0], sum = 0.0f;
-        #pragma omp simd reduction(max : top)
-        for (int64_t j = 0; j < cols; ++j) top = row[j] > top ? row[j] : top;
+        float *row = x + r * cols, lane[LANES] = {0.0f};
+        const float top = row_max(row, cols);
         for (int64_t j = 0; j < cols; ++j) { /* shifted into the exp's domain; NaN stays NaN */
             const float shifted = row[j] - top;
             row[j] = shifted < -87.0f ? -87.0f : shifted;
         }
-        #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < cols; ++j) {
-            row[j] = exp_nonpositive(row[j]);
-            sum += row[j];
+        int64_t j = 0;
+        for (; j + LANES <= cols; j += LANES) {
+            #pragma omp simd
+            for (int k = 0; k < LANES; ++k) lane[k] = exp_into(row + j + k, lane + k);
         }
-        const float norm = 1.0f / sum;
-        for (int64_t j = 0; j < cols; ++j) row[j] = clamp(rintf(row[j] * norm * inverse), low, high);
+        for (int k = 0; j + k < cols; ++k) lane[k] = exp_into(row + j + k, lane + k);
+        const float norm = 1.0f / sum_of_lanes(lane);
+        for (j = 0; j < cols; ++j) row[j] = clamp(rintf(row[j] * norm * inverse), low, high);
     }
 }
 
 /* Attention's probabilities on the softmax quantizer's grid, in place: x (rows x cols, contiguous)
  * becomes clamp(rint(softmax(x) * inverse), low, high), softmax along each row; params: one grid.
- * Not bit for bit torch's softmax (another exp, another order of the sum). */
+ * Not bit for bit torch's softmax (another exp, another order of the sum: row_sum's). */
 void evolq_softmax_levels(float *x, int64_t rows, int64_t cols, const float *params, int threads) {
     if (rows * cols < MIN_PARALLEL) threads = 1;
     #pragma omp parallel for num_threads(threads) schedule(static)

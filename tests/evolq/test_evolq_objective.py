@@ -80,12 +80,16 @@ def test_cached_prefix_equals_a_full_forward(fresh_qmodel, images, block, loss):
     value = f(x)
     reference.block(block).set_scales(x)
     full = model_loss(reference, images, f.targets, loss=loss, batch_size=BATCH)
-    assert value == pytest.approx(full, abs=1e-5)
+    # Bit for bit (the objective promises a full forward's numbers): the cached prefix is the same
+    # tensor the full forward computes, and the suffix the same operations on the same shapes, so
+    # on any machine and thread count both round alike.
+    assert value == full
     # the block's scales are left at the last point scored, so the objective's own model agrees too
     np.testing.assert_array_equal(qmodel.block(block).scales(), x.astype(np.float32))
-    assert model_loss(qmodel, images, f.targets, loss=loss, batch_size=BATCH) == pytest.approx(value, abs=1e-5)
-    # and the scales matter by far more than the tolerance
-    assert abs(f(f.x0) - value) > 1e-4
+    assert model_loss(qmodel, images, f.targets, loss=loss, batch_size=BATCH) == value
+    # and the scales matter: moving them 5 % moves quantized logits, hence the loss (by 1e-4 to
+    # 1.5e-3 here, 50-800 float32 steps of the loss: no exact equality above could hold by chance)
+    assert f(f.x0) != value
 
 
 def test_targets_are_the_fp_logits_and_can_be_shared(qmodel, images):
