@@ -117,6 +117,7 @@ def released_weight_bits(released: types.ModuleType, model: nn.Module, wbits: in
     for module in model.modules():
         if type(module) in (released.QLinear, released.QConv2d):
             module.bit_type = module.quantizer.bit_type = module.observer.bit_type = bit_type
+            del module.quantizer.scale  # a registered Parameter since calibration: it takes no plain tensor
             module.quantizer.update_quantization_params(module.weight)
 
 
