@@ -64,9 +64,13 @@ EPS = 1e-3  # Evol-Q's absolute mutation size for 3/4-bit weights
 BF16_TOLERANCE = 0.05  # documented bound on |loss_bf16 - loss_fp32| / |loss_fp32| (relative)
 # |loss - reference| / |reference| allowed for the fp32 fast paths: the reference multiplies dequantized
 # values, BlockObjective grid levels with the scales on the product; the other rounding moves a few
-# activations onto the neighbouring level. Measured: <= 5e-6 on the trained default model, ~2e-5 on
-# DeiT-Tiny with random weights and 256 images, 2.4e-4 in --quick mode (4 random images, infoNCE over 4).
-LEVELS_TOLERANCE = 5e-4
+# activations onto the neighbouring level. Measured with placement "inputs": <= 5e-6 on the trained
+# default model, ~2e-5 on DeiT-Tiny with random weights and 256 images, 2.4e-4 in --quick mode (4 random
+# images, infoNCE over 4). Under "full" (the default) every op's output and the residual stream are
+# rounded too, so a moved value has more places to occur and to travel through: 6.2e-4 in --quick
+# mode (Intel Xeon). The bound is a check that both formulations compute the same model (a wrong
+# scale or grid moves the loss by 1e-2 and more), not a precision claim.
+LEVELS_TOLERANCE = 2e-3
 # Calibration uses a small subset (it is not what is measured); levers run on one block with
 # ``*_lever_images`` images (DeiT: one batch of 100) to keep the run under 10 minutes on 2 cores.
 # bf16 is measured on the lever images too (on CPUs without bf16 units it is ~10x slower than fp32).
