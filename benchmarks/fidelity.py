@@ -56,6 +56,9 @@ from evolq.quant.layers import QuantWeightLayer
 from evolq.quant.quantizer import UniformQuantizer
 from evolq.zoo import DEFAULT_ARCH, load_default
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "evolq"))
+from evolq_testing import spread_random_weights  # noqa: E402 - the tests' random ViT weights, shared
+
 KINDS = ("weights", "activations", "ptf", "softmax", "scores")
 
 
@@ -241,15 +244,7 @@ def logit_figures(ours: torch.Tensor, theirs: torch.Tensor, ours_fp: torch.Tenso
 def random_deit_tiny(seed: int) -> nn.Module:
     """timm deit_tiny_patch16_224 with weights whose logits differ between images (see the module docstring)."""
     torch.manual_seed(seed)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, 1.0 / math.sqrt(module.in_features))
-                module.bias.normal_(0.0, 0.02)
-        model.cls_token.normal_(0.0, 1.0)
-        model.pos_embed.normal_(0.0, 0.5)
-    return model.eval()
+    return spread_random_weights(timm.create_model("deit_tiny_patch16_224", pretrained=False))
 
 
 def table(rows: list[tuple], header: tuple) -> str:

@@ -31,7 +31,12 @@ def random_vit(seed: int = 0) -> nn.Module:
     position embedding of a trained model's size keep w8a8 near 2%.
     """
     torch.manual_seed(seed)
-    model = default_architecture()
+    return spread_random_weights(default_architecture())
+
+
+def spread_random_weights(model: nn.Module) -> nn.Module:
+    """``model`` (a timm ViT) with 1/sqrt(fan_in) linears and a trained model's size of class token and
+    position embedding, drawn from torch's current seed (see :func:`random_vit` for why)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear):
