@@ -307,8 +307,9 @@ if chosen is not None:
 def test_every_build_gives_the_same_bits(build, native_outputs, tmp_path):
     """``EVOLQ_KERNELS=<build>`` compiles that clone alone: each gives the native build's bits, two threads."""
     saved = tmp_path / "outputs.pt"
-    done = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, kernels.__file__, str(Path(__file__).parent), str(saved)],
-                          env=dict(os.environ, EVOLQ_KERNELS=build), capture_output=True, text=True, timeout=300)
+    arguments = [kernels.__file__, str(Path(__file__).parent), str(saved)]
+    done = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, *arguments], env=dict(os.environ, EVOLQ_KERNELS=build),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     chosen = done.stdout.split()[-1]
     if chosen == "None":
