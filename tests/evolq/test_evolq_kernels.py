@@ -27,6 +27,15 @@ needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which(
                                     reason="no C compiler on this machine")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def kernels_on():
+    """These tests are of the kernels themselves: on, whatever EVOLQ_KERNELS says for the rest of the suite."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_enabled", True)
+        patch.delenv("EVOLQ_KERNELS", raising=False)
+        yield
+
+
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit for bit, the sign of zero included; NaN where NaN."""
     number = ~a.isnan()
