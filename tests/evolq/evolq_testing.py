@@ -16,8 +16,11 @@ TOKENS = (DEFAULT_ARCH["img_size"] // DEFAULT_ARCH["patch_size"]) ** 2 + 1  # 49
 CALIB_SIZE = 200
 CALIB_BATCH = 40  # OMSE chooses on the last batch: smaller batches calibrate faster
 # The quantized model on grid levels against its dequantized form (or autograd's pass): another order
-# of float operations rounds a few activations onto the neighbouring grid level, which moves a loss
-# by up to ~2e-5 relative (measured: benchmarks/objective.py on DeiT-Tiny, and in the tests).
+# of float operations rounds a few activations onto the neighbouring grid level, which moves logits by
+# whole output steps and the loss with them. One row of 100 moved by one step (0.021 on logits of norm
+# ~2) moves the infoNCE loss (~23) by at most 8/100 * 0.021/2 = 8e-4, 3.6e-5 relative
+# (infonce_shift_bound): 1e-4 allows about three such rows. Measured: up to 1.9e-5 (levels) and
+# 4.6e-6 (autograd) with torch, MKL and the kernels on their AVX-512, AVX2 and SSE paths, 1 or 2 threads.
 LEVELS_RTOL = 1e-4
 
 
@@ -45,3 +48,21 @@ def spread_random_weights(model: nn.Module) -> nn.Module:
         model.cls_token.normal_(0.0, 1.0)
         model.pos_embed.normal_(0.0, 0.5)
     return model.eval()
+
+
+U = 2.0**-24  # float32's unit roundoff: a correctly rounded operation is within U relative of exact
+
+
+def infonce_shift_bound(logits: torch.Tensor, other: torch.Tensor, loss: float, batch: int) -> float:
+    """The most the infoNCE loss (the mean over batches of ``batch`` rows, as ``model_loss`` computes it) can
+    change when the quantized logits change from ``other`` to ``logits``, the FP targets fixed.
+
+    Row i enters only its own cross-entropy, through q_i = z_i / |z_i|, which moves by at most
+    2 |dz_i| / |z_i|; its logits q_i . k_j / T (|k_j| = 1) move by that over T, and the cross-entropy
+    (a logsumexp minus one of its entries) by at most twice the largest of those. The loss is 2T times
+    the mean over the N rows: at most (8 / N) sum_i |dz_i| / |z_i|. Both evaluations round on their own:
+    sums of ``batch`` exponentials, a 10-term product, the normalizations, the means: within
+    (batch + 32) U of |loss| each.
+    """
+    change = (logits - other).double().norm(dim=-1) / other.double().norm(dim=-1)
+    return float(8 / len(other) * change.sum()) + 2 * (batch + 32) * U * abs(loss)

@@ -27,6 +27,15 @@ needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which(
                                     reason="no C compiler on this machine")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def kernels_on():
+    """These tests are of the kernels themselves: on, whatever EVOLQ_KERNELS says for the rest of the suite."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_enabled", True)
+        patch.delenv("EVOLQ_KERNELS", raising=False)
+        yield
+
+
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit for bit, the sign of zero included; NaN where NaN."""
     number = ~a.isnan()
@@ -307,8 +316,9 @@ if chosen is not None:
 def test_every_build_gives_the_same_bits(build, native_outputs, tmp_path):
     """``EVOLQ_KERNELS=<build>`` compiles that clone alone: each gives the native build's bits, two threads."""
     saved = tmp_path / "outputs.pt"
-    done = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, kernels.__file__, str(Path(__file__).parent), str(saved)],
-                          env=dict(os.environ, EVOLQ_KERNELS=build), capture_output=True, text=True, timeout=300)
+    arguments = [kernels.__file__, str(Path(__file__).parent), str(saved)]
+    done = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, *arguments], env=dict(os.environ, EVOLQ_KERNELS=build),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     chosen = done.stdout.split()[-1]
     if chosen == "None":

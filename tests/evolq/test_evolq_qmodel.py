@@ -19,6 +19,9 @@ def images(calib_images):
     return calib_images[:64]
 
 
+U = 2.0**-24  # float32's unit roundoff
+
+
 def rel_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -29,7 +32,10 @@ def test_fp_context_reproduces_the_timm_model(calibrated_w4a8, fp_model, images)
     with calibrated_w4a8.fp() as same:
         assert same is calibrated_w4a8
         fp = calibrated_w4a8(images)
-    torch.testing.assert_close(fp, reference, rtol=0, atol=1e-5)
+    # timm's attention (one fused kernel) and ours order the float operations otherwise: within a few
+    # dozen float32 roundings (U = 2^-24) of the largest logit, 64 U * 2.7 = 1e-5; measured 1.3-1.5e-6 (8-9 U) on
+    # torch's AVX-512, AVX2 and generic paths
+    torch.testing.assert_close(fp, reference, rtol=0, atol=64 * U * reference.abs().max().item())
     quantized = calibrated_w4a8(images)  # quantization back on after the block
     assert (quantized - reference).abs().max().item() > 0.05
     assert torch.isfinite(quantized).all()
@@ -71,7 +77,8 @@ def test_more_bits_quantize_closer_to_fp(calibrated_w4a8, fp_model, calib_images
 def test_uncalibrated_model_is_the_fp_model(fp_model, images):
     qmodel = QuantizedModel(fp_model, "w4a8")
     assert not qmodel.calibrated
-    torch.testing.assert_close(qmodel(images), fp_model(images), rtol=0, atol=1e-5)
+    reference = fp_model(images)  # within float rounding, as above
+    torch.testing.assert_close(qmodel(images), reference, rtol=0, atol=64 * U * reference.abs().max().item())
 
 
 def test_calibrate_on_no_images_is_a_usage_error(fp_model):

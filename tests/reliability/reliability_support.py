@@ -32,7 +32,10 @@ VISITS = 2 * 6
 # In-process runs that only have to reach a check made after calibration: the least data.
 TINY = ["--calib-size", "2", "--selection-size", "2", "--eval-size", "2"]
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# The subprocess runs use the in-process runs' thread count (tests/conftest.py: one, or EVOLQ_TEST_THREADS):
+# bit-identical results are promised for the same machine and the same threads.
+THREADS = os.environ.get("EVOLQ_TEST_THREADS", "1")
+ENV = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "PYTHONWARNINGS": "ignore"}
 RUN_TIMEOUT = 900  # seconds a subprocess run may take on a very busy machine
 
 

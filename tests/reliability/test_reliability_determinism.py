@@ -3,7 +3,7 @@
 
 The reference is a ``python -m evolq quantize`` subprocess (``conftest.py``); the second runs go
 through ``evolq.cli.main`` in this process, so each comparison is also one between two processes.
-Both use one thread (``OMP_NUM_THREADS=1`` there, ``torch.set_num_threads(1)`` here).
+Both use one thread (``OMP_NUM_THREADS=1`` there, ``torch.set_num_threads(1)`` here), or both EVOLQ_TEST_THREADS.
 """
 
 from __future__ import annotations
