@@ -360,45 +360,67 @@ void evolq_softmax_levels(float *x, int64_t rows, int64_t cols, const float *par
  * weight / step / std becomes an 8-bit integer over 2^shifts, the offset an integer over the same;
  * out = rint((multiplier * level + offset) / 2^shifts) * step. gain_step, shift_step: weight / step
  * and bias / step, cols values each. */
-static inline int exponent_of(float size) { /* frexpf's (and torch.frexp's) exponent, from the bits */
-    uint32_t bits;
-    memcpy(&bits, &size, sizeof bits);
-    const int field = (int)((bits >> 23) & 0xff);
-    /* zero, inf and NaN: 0; a subnormal: below -125, which the caller clamps as it would the true one */
-    return field == 0xff || size == 0.0f ? 0 : (field == 0 ? -126 : field - 126);
+static inline int32_t bits_of(float value) { int32_t bits; memcpy(&bits, &value, sizeof bits); return bits; }
+static inline float from_bits(int32_t bits) { float value; memcpy(&value, &bits, sizeof value); return value; }
+
+/* frexpf's (and torch.frexp's) exponent of size >= 0, from the bits: 0 for zero, inf and NaN; a
+ * subnormal gets -126, below the -125 at which the caller clamps, as it would the true exponent. */
+static inline int32_t exponent_of(float size) {
+    const int32_t field = (bits_of(size) >> 23) & 0xff;
+    const int32_t exponent = field == 0 ? -126 : field - 126;
+    return (field == 0xff) | (size == 0.0f) ? 0 : exponent;
 }
 
-static inline float power_of_two(int shifts) { /* 2^shifts for -31 <= shifts <= 31, from its bits */
-    const uint32_t bits = (uint32_t)(shifts + 127) << 23;
-    float value;
-    memcpy(&value, &bits, sizeof value);
-    return value;
+/* floorf(v), bit for bit, for v >= 0 (and inf, NaN), from rintf: GCC vectorizes rintf but not
+ * floorf (it must not raise "inexact"). The whole number nearest v, less one where that is above v;
+ * written as an addition of -1 or +0 (v >= 0: no -0 to lose), the one form GCC 12 if-converts. */
+static inline float floor_of(float v) {
+    const float nearest = rintf(v);
+    return nearest + (nearest > v ? -1.0f : 0.0f);
 }
 
+/* Everything below is written without branches, so that the compiler vectorizes the loops over a
+ * row (selects for the conditions, the bits of 2^shifts built as integers). The sums are exact, so
+ * any order gives the same bits: the levels are whole numbers and their squares too (floats above
+ * 2^24 are whole), well below 2^53 in double; partial sums over LANES lanes only let them vectorize. */
 CLONES static void integer_norm_rows(const float *x, float *out, int64_t begin, int64_t end, int64_t cols,
                                      const float *scale, const float *factor, float unit, const float *gain_step,
                                      const float *shift_step, float step) {
     for (int64_t i = begin; i < end; ++i) {
         const float *row = x + i * cols;
         float *to = out + i * cols;
-        double total = 0.0, squares = 0.0;
-        for (int64_t j = 0; j < cols; ++j) {
-            const float level = rintf(row[j] / scale[j]) * factor[j];
-            to[j] = level;
-            total += (double)level;
-            squares += (double)(level * level);
+        for (int64_t j = 0; j < cols; ++j) to[j] = rintf(row[j] / scale[j]) * factor[j];
+        double totals[LANES] = {0.0}, squares[LANES] = {0.0};
+        int64_t j = 0;
+        for (; j + LANES <= cols; j += LANES) {
+            #pragma omp simd
+            for (int k = 0; k < LANES; ++k) {
+                totals[k] += (double)to[j + k];
+                squares[k] += (double)(to[j + k] * to[j + k]);
+            }
+        }
+        for (int k = 0; j + k < cols; ++k) {
+            totals[k] += (double)to[j + k];
+            squares[k] += (double)(to[j + k] * to[j + k]);
+        }
+        double total = 0.0, square = 0.0;
+        for (int k = 0; k < LANES; ++k) {
+            total += totals[k];
+            square += squares[k];
         }
         const float mean = (float)(total / (double)cols) * unit;
-        float std = (unit / (float)cols) * (float)sqrt((double)cols * squares - total * total);
+        float std = (unit / (float)cols) * (float)sqrt((double)cols * square - total * total);
         std = std > 1.17549435e-38f ? std : 1.17549435e-38f;
         const float ratio = unit / std, centre = mean / std;
         for (int64_t j = 0; j < cols; ++j) {
             const float multiplier = ratio * gain_step[j], size = fabsf(multiplier);
-            const int exponent = exponent_of(size);
-            const int shifts = exponent > 8 ? 0 : (8 - exponent > 31 ? 31 : 8 - exponent);
-            const float power = power_of_two(shifts), inverse = power_of_two(-shifts);
-            const float sign = multiplier > 0.0f ? 1.0f : (multiplier < 0.0f ? -1.0f : 0.0f);
-            const float integer = clamp(floorf(size * power), 0.0f, 255.0f) * sign;
+            const int32_t exponent = exponent_of(size);
+            int32_t shifts = 8 - exponent; /* N, 0 <= N <= 31, as a max and a min: selects the vectorizer takes */
+            shifts = shifts < 0 ? 0 : shifts;
+            shifts = shifts > 31 ? 31 : shifts;
+            const float power = from_bits((shifts + 127) << 23), inverse = from_bits((127 - shifts) << 23);
+            const float sign = (float)(multiplier > 0.0f) - (float)(multiplier < 0.0f); /* NaN: 0 */
+            const float integer = clamp(floor_of(size * power), 0.0f, 255.0f) * sign;
             const float offset = rintf((shift_step[j] - centre * gain_step[j]) * power);
             to[j] = rintf((integer * to[j] + offset) * inverse) * step;
         }

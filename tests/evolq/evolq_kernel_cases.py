@@ -68,6 +68,7 @@ def outputs(kernels) -> dict[str, torch.Tensor]:
         factor = 2.0 ** torch.randint(0, 4, (channels,), generator=g).float()  # PTF: powers of two
         unit, step = 0.05, 0.03
         gain_step = torch.randn(channels, generator=g) / step
+        gain_step[:4] = torch.tensor([0.0, -0.0, 1e8, 1e-9])[: min(4, channels)]  # multipliers: zero, clamped, tiny
         shift_step = torch.randn(channels, generator=g) / step
         out[f"integer_layer_norm {rows}x{channels}"] = kernels.integer_layer_norm(
             x, (unit * factor).contiguous(), factor, unit, gain_step, shift_step, step)

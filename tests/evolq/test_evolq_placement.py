@@ -254,10 +254,12 @@ def test_integer_layer_norm_kernel_is_its_torch_operations_bit_for_bit(threads):
             output_quant = _fixed_quantizer(torch.tensor(0.05), 100)
             x = torch.randint(-128, 127, (100, 50, channels), generator=generator).float() * input_quant.scale
             weight = torch.randn(channels, generator=generator) if affine else None
+            if affine:  # the multipliers' edge cases: zero (either sign), too large for 8 bits (clamped), tiny
+                weight[:5] = torch.tensor([0.0, -0.0, 1e6, -1e6, 1e-9])
             bias = torch.randn(channels, generator=generator) * 0.1 if affine else None
             compiled = integer_layer_norm(x, input_quant, output_quant, weight, bias)
             with kernels.disabled():
                 plain = integer_layer_norm(x, input_quant, output_quant, weight, bias)
-            assert torch.equal(compiled, plain)
+            assert torch.equal(compiled, plain) and torch.equal(compiled.signbit(), plain.signbit())
     finally:
         torch.set_num_threads(before)
