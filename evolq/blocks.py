@@ -1,10 +1,23 @@
-"""Blocks: one attention block's searchable parameters as one flat vector.
+"""Blocks: one residual block's searchable quantization scales as one flat vector.
 
-As in Evol-Q, a block's vector is the per-output-channel weight scales of its attention's
-``qkv`` and ``proj`` linears (DeiT-Tiny: 576 + 192 = 768 values). Zero points stay fixed.
+Which scales form the vector is the search space:
+
+- ``"paper"`` (Evol-Q's): the per-output-channel weight scales of the attention's ``qkv`` and
+  ``proj`` linears (DeiT-Tiny: 576 + 192 = 768 values);
+- ``"weights"``: the per-output-channel weight scales of every linear of the block (qkv, proj,
+  fc1, fc2);
+- ``"all"``: those and every activation quantizer's scale inside the block, whatever the
+  placement: one value per per-tensor quantizer, and for a PTF quantizer (LayerNorm input) its
+  unit scale, the channels keeping their power-of-two factors. Log2 quantizers have no scale.
+
+Zero points stay as calibrated in every space: a new scale stretches the grid about real zero,
+which stays exactly representable (GELU's and softmax's zeros, padding), the same kind of move
+the paper makes for weights. ``Block.layout`` names the coordinates.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,6 +26,16 @@ from torch import nn
 from evolq.errors import UsageError
 from evolq.quant.attention import QAttention
 from evolq.quant.layers import QuantWeightLayer
+from evolq.quant.observers import PTFObserver
+from evolq.quant.quantizer import UniformQuantizer
+
+SEARCH_SPACES = ("paper", "weights", "all")
+
+
+def check_space(space: str) -> str:
+    if space not in SEARCH_SPACES:
+        raise UsageError(f"search space {space!r} is unknown; allowed: {', '.join(SEARCH_SPACES)}")
+    return space
 
 
 def check_vector(x: object, dim: int, what: str = "scale vector") -> np.ndarray:
@@ -40,15 +63,137 @@ def check_vector(x: object, dim: int, what: str = "scale vector") -> np.ndarray:
     return vector
 
 
-class Block:
-    """An attention block of a quantized model; ``scales()`` / ``set_scales(x)`` read and write its vector."""
+@dataclass(frozen=True)
+class Segment:
+    """Where one quantizer's scales sit in a block vector: ``x[segment.slice]``.
 
-    def __init__(self, index: int, name: str, module: nn.Module, layers: list[QuantWeightLayer]) -> None:
+    ``name`` is the quantizer's path inside the block (``attn.qkv.weight_quant``); ``kind`` is
+    ``"weight"`` (one scale per output channel), ``"activation"`` (the quantizer's scales as
+    they are) or ``"ptf"`` (one unit scale; each channel's scale is it times a power of two).
+    """
+
+    name: str
+    kind: str
+    start: int
+    stop: int
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+class _Scales:
+    """Reads and writes one quantizer's part of a block vector (float32 tensors, as stored)."""
+
+    def __init__(self, name: str, quantizer: UniformQuantizer) -> None:
+        self.name, self.quantizer = name, quantizer
+
+    kind = "activation"
+
+    def read(self) -> torch.Tensor:
+        return self.quantizer.scale.reshape(-1)
+
+    def write(self, piece: torch.Tensor) -> None:
+        # a new tensor (not an in-place change): the cached grids compare identities
+        self.quantizer.scale = piece.to(self.quantizer.scale).reshape(self.quantizer.scale.shape).clone()
+
+
+class _WeightScales(_Scales):
+    kind = "weight"
+
+    def __init__(self, name: str, layer: QuantWeightLayer) -> None:
+        super().__init__(name, layer.weight_quant)
+        self.layer = layer
+
+    def write(self, piece: torch.Tensor) -> None:
+        self.layer.set_weight_scale(piece.float())  # also drops the layer's cached quantized weight
+
+
+class _PowerOfTwoUnit(_Scales):
+    """A PTF quantizer's smallest channel scale; every channel keeps its factor (a power of two) over it."""
+
+    kind = "ptf"
+
+    def __init__(self, name: str, quantizer: UniformQuantizer) -> None:
+        super().__init__(name, quantizer)
+        scale = quantizer.scale.reshape(-1)
+        self.factors = torch.round(scale / scale.min())
+
+    def read(self) -> torch.Tensor:
+        return self.quantizer.scale.reshape(-1).min().reshape(1)
+
+    def write(self, piece: torch.Tensor) -> None:
+        super().write(piece.to(self.quantizer.scale) * self.factors)  # exact: times powers of two
+
+
+def _searched(module: nn.Module, space: str) -> list[_Scales]:
+    """The scales of ``module`` (one residual block) that ``space`` searches, in forward order."""
+    attn = module.attn
+    linears = [("attn.qkv", attn.qkv), ("attn.proj", attn.proj)]
+    if space != "paper":
+        mlp = getattr(module, "mlp", None)
+        linears += [(f"mlp.{name}", layer) for name, layer in (mlp.named_children() if mlp is not None else ())
+                    if isinstance(layer, QuantWeightLayer)]
+    found: list[_Scales] = [_WeightScales(f"{name}.weight_quant", layer) for name, layer in linears]
+    if space == "all":
+        weight_quants = {id(layer.weight_quant) for _, layer in linears}
+        for name, quantizer in module.named_modules():
+            if isinstance(quantizer, UniformQuantizer) and id(quantizer) not in weight_quants and quantizer.calibrated:
+                kind = _PowerOfTwoUnit if isinstance(quantizer.observer, PTFObserver) else _Scales
+                found.append(kind(name, quantizer))
+    return found
+
+
+class Block:
+    """A residual block of a quantized model; ``scales()`` / ``set_scales(x)`` read and write its vector.
+
+    ``space`` chooses the scales (module docstring); ``layout`` says which coordinate is which.
+    """
+
+    def __init__(self, index: int, name: str, module: nn.Module, space: str = "paper") -> None:
         self.index = index
         self.name = name
         self.module = module
-        self.layers = layers
-        self.sizes = [layer.weight.shape[0] for layer in layers]
+        self.space = check_space(space)
+        self._parts: list[_Scales] | None = None
+        self._layout: list[Segment] = []
+
+    def _found(self) -> tuple[list[_Scales], list[Segment]]:
+        """The searched parts and their layout, found on first use (PTF factors exist once calibrated)."""
+        if self._parts is None:
+            attn = self.module.attn
+            if not (attn.qkv.weight_quant.calibrated and attn.proj.weight_quant.calibrated):
+                raise UsageError(f"block {self.index} has no scales yet; calibrate the model first "
+                                 "(qmodel.calibrate(images))")
+            parts, start = _searched(self.module, self.space), 0
+            for part in parts:
+                size = part.read().numel()
+                self._layout.append(Segment(part.name, part.kind, start, start + size))
+                start += size
+            self._parts = parts
+        return self._parts, self._layout
+
+    @property
+    def parts(self) -> list[_Scales]:
+        return self._found()[0]
+
+    @property
+    def layout(self) -> list[Segment]:
+        """Every part of the vector: its quantizer's name, its kind and its position."""
+        return list(self._found()[1])
+
+    @property
+    def layers(self) -> list[QuantWeightLayer]:
+        """The linears whose weight scales the vector holds, in vector order."""
+        return [part.layer for part in self.parts if isinstance(part, _WeightScales)]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [segment.size for segment in self.layout]
 
     @property
     def dim(self) -> int:
@@ -56,34 +201,32 @@ class Block:
 
     @property
     def weight_bits(self) -> int:
-        return self.layers[0].weight_quant.bit_type.bits
+        return self.module.attn.qkv.weight_quant.bit_type.bits
 
     def scales(self) -> np.ndarray:
-        """The block's weight scales, concatenated in layer order (qkv, then proj), as float64."""
-        if not all(layer.weight_quant.calibrated for layer in self.layers):
-            raise UsageError(f"block {self.index} has no scales yet; calibrate the model first (qmodel.calibrate(images))")
-        return torch.cat([layer.weight_quant.scale for layer in self.layers]).double().cpu().numpy()
+        """The block's vector (the parts concatenated in layout order), as float64."""
+        return torch.cat([part.read() for part in self.parts]).double().cpu().numpy()
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """A block vector cut into one piece per layer."""
+        """A block vector cut into one piece per part."""
         return list(torch.split(x, self.sizes))
 
     def set_scales(self, x: np.ndarray) -> np.ndarray:
-        """Write a block vector back (returned as checked, float64); the layers' quantized weights are recomputed."""
+        """Write a block vector back (returned as checked, float64); quantized weights are recomputed."""
         checked = check_vector(x, self.dim, f"block {self.index} scale vector")
-        for layer, piece in zip(self.layers, self.split(torch.from_numpy(checked))):
-            layer.set_weight_scale(piece.float())
+        for part, piece in zip(self.parts, self.split(torch.from_numpy(checked))):
+            part.write(piece)
         return checked
 
     def __repr__(self) -> str:
-        return f"Block(index={self.index}, name={self.name!r}, dim={self.dim})"
+        return f"Block(index={self.index}, name={self.name!r}, space={self.space!r})"
 
 
-def discover_blocks(model: nn.Module) -> list[Block]:
+def discover_blocks(model: nn.Module, space: str = "paper") -> list[Block]:
     """Every module with a quantized attention ``attn``, in forward order."""
     found = [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(getattr(module, "attn", None), QAttention)
     ]
-    return [Block(i, name, module, [module.attn.qkv, module.attn.proj]) for i, (name, module) in enumerate(found)]
+    return [Block(i, name, module, space) for i, (name, module) in enumerate(found)]

@@ -19,18 +19,22 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 class SearchCheckpoint:
-    """Save and load a search's state in ``folder``; ``fingerprint`` guards against resuming another run."""
+    """Save and load a search's state in ``folder``; ``fingerprint`` guards against resuming another run.
 
-    def __init__(self, folder: str | Path, fingerprint: dict | None = None) -> None:
+    The scales saved are the blocks' vectors in the search's ``space`` (all that a search changes).
+    """
+
+    def __init__(self, folder: str | Path, fingerprint: dict | None = None, space: str = "paper") -> None:
         self.path = Path(folder) / CHECKPOINT_NAME
         self.fingerprint = fingerprint or {}
+        self.space = space
 
     def exists(self) -> bool:
         return self.path.is_file()
 
     def save(self, qmodel: QuantizedModel, visits_done: int, history: list[dict], pass_log: list[dict],
              best: dict) -> None:
-        tensors = {f"current.{k}": v for k, v in qmodel.scales().items()}
+        tensors = {f"current.{k}": v for k, v in qmodel.scales(self.space).items()}
         tensors.update({f"best.{k}": v for k, v in best["scales"].items()})
         meta = dict(
             visits_done=visits_done,
@@ -58,6 +62,7 @@ class SearchCheckpoint:
                 f"--resume folder {str(self.path.parent)!r} was written with {key}={theirs.get(key)!r}, "
                 f"this run has {key}={self.fingerprint.get(key)!r}; allowed: the same configuration, or a new --out"
             )
-        qmodel.load_scales({k.removeprefix("current."): v for k, v in tensors.items() if k.startswith("current.")})
+        qmodel.load_scales({k.removeprefix("current."): v for k, v in tensors.items() if k.startswith("current.")},
+                           self.space)
         best = dict(meta["best"], scales={k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")})
         return int(meta["visits_done"]), meta["history"], meta["pass_log"], best

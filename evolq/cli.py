@@ -69,14 +69,28 @@ def _add_preset_and_seed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data splits and the search (default 0)")
 
 
+def _add_search(parser: argparse.ArgumentParser) -> None:
+    """The block-wise search's options, shared by quantize and compare."""
+    parser.add_argument("--passes", type=int, default=10, help="sweeps over all blocks (default 10)")
+    parser.add_argument("--evaluations-per-block", type=int, default=4, help="objective evaluations per block visit (default 4)")
+    parser.add_argument("--search-space", default="paper",
+                        help="each block's searched scales: paper (default: qkv and proj weight scales, as Evol-Q), "
+                             "weights (every linear's weight scales) or all (also every activation quantizer's scale)")
+    parser.add_argument("--coordinates", default=None,
+                        help="what the optimizer moves: scales (as they are) or ratios (each scale over its value at the "
+                             "visit's start); default scales for --search-space paper, ratios otherwise")
+    parser.add_argument("--select-by", default="top1",
+                        help="which pass the search returns: top1 (default: best selection top-1, ties by loss) or loss "
+                             "(lowest selection loss)")
+    parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only (default: all)")
+
+
 def _quantize_parser(commands) -> None:
     parser = commands.add_parser("quantize", help="PTQ-calibrate a ViT and search its quantization scales")
     _add_common(parser, out="runs/<model>-<preset>-<optimizer>-seed<seed>")
     _add_preset_and_seed(parser)
     parser.add_argument("--optimizer", default="evolq", help="evolq (default), cmaes, random, gradient, ng:<name>, or none (PTQ only)")
-    parser.add_argument("--passes", type=int, default=10, help="sweeps over all blocks (default 10)")
-    parser.add_argument("--evaluations-per-block", type=int, default=4, help="objective evaluations per block visit (default 4)")
-    parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only (default: all)")
+    _add_search(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--config", help="re-run the configuration recorded in a result.json; "
                                          "options given here replace the recorded ones")
@@ -92,6 +106,11 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
         reuse_freed_memory=args.reuse_freed_memory,
     )
     return RunConfig(**{**settings, **extra})
+
+
+def _search_settings(args: argparse.Namespace) -> dict:
+    return dict(passes=args.passes, evaluations_per_block=args.evaluations_per_block, eval_size=args.eval_size,
+                search_space=args.search_space, coordinates=args.coordinates, select_by=args.select_by)
 
 
 def given_options(argv: Sequence[str]) -> set[str]:
@@ -118,8 +137,7 @@ def _quantize(args: argparse.Namespace) -> int:
         typed = given_options(args.argv) & {f.name for f in fields(RunConfig)}
         config = replace(RunConfig.from_result(args.config), **{name: getattr(args, name) for name in typed})
     else:
-        config = _config(args, preset=args.preset, seed=args.seed, eval_size=args.eval_size, optimizer=args.optimizer,
-                         passes=args.passes, evaluations_per_block=args.evaluations_per_block)
+        config = _config(args, preset=args.preset, seed=args.seed, optimizer=args.optimizer, **_search_settings(args))
     out = args.out or f"runs/{config.model}-{config.quant_config().name}-{config.optimizer}-seed{config.seed}"
     result = run_quantize(config, out=out, resume=args.resume)
     _print_table(result)
@@ -184,12 +202,10 @@ def _compare_parser(commands) -> None:
     parser.add_argument("--budget", type=int, help="evaluations per cell (default: passes x blocks x evaluations "
                                                    "per block; 200 for a synthetic --problem)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default 3)")
-    parser.add_argument("--passes", type=int, default=10, help="sweeps over all blocks (default 10)")
-    parser.add_argument("--evaluations-per-block", type=int, default=4, help="objective evaluations per block visit (default 4)")
+    _add_search(parser)
     parser.add_argument("--executor", default="local", help="local (default) or ray")
     parser.add_argument("--workers", type=int, default=1, help="cells run in parallel (default 1)")
     parser.add_argument("--address", help="Ray cluster address to join (default: start a local one)")
-    parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only (default: all)")
     parser.set_defaults(handler=_compare)
 
 
@@ -207,9 +223,7 @@ def _compare(args: argparse.Namespace) -> int:
         budget = 200 if args.budget is None else args.budget
     else:
         problems = {
-            preset: QuantizedSearch(_config(args, preset=preset, passes=args.passes, threads=threads,
-                                            evaluations_per_block=args.evaluations_per_block,
-                                            eval_size=args.eval_size))
+            preset: QuantizedSearch(_config(args, preset=preset, threads=threads, **_search_settings(args)))
             for preset in (p.strip() for p in args.presets.split(",") if p.strip())
         }
         budget = args.budget

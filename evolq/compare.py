@@ -39,6 +39,7 @@ class QuantizedSearch:
     """A comparison problem: Evol-Q's block-wise search of one model at one preset."""
 
     def __init__(self, config: RunConfig) -> None:
+        config.check()  # a bad setting fails here, not in every cell
         self.config = config
 
     def budget(self) -> int:
@@ -54,13 +55,14 @@ class QuantizedSearch:
         qmodel = prepared.qmodel.load_quant_state(ptq_state)
         found = search(
             qmodel, prepared.calib_images, prepared.selection, optimizer=optimizer, passes=config.passes,
-            evaluations_per_block=config.evaluations_per_block, loss=config.loss, seed=seed,
-            optimizer_options=options, progress=False,
+            evaluations_per_block=config.evaluations_per_block, order=config.order, loss=config.loss, seed=seed,
+            optimizer_options=options, progress=False, space=config.search_space, coordinates=config.coordinates,
+            select_by=config.select_by,
         )
         final_top1 = prepared.top1(progress=False)
         history = found.history.rename(columns={"pass": "pass_index"})
         return optimizers.Result(
-            x=np.concatenate([block.scales() for block in qmodel.blocks]),
+            x=np.concatenate([block.scales() for block in qmodel.blocks_in(config.search_space)]),
             value=found.calib_loss,
             evaluations=found.evaluations,
             history=history[["evaluation", "value", "best", "seconds"]].assign(

@@ -49,8 +49,9 @@ def model_loss(qmodel: QuantizedModel, images: torch.Tensor, targets: torch.Tens
 class BlockObjective:
     """``f(x) -> float`` over block ``block``'s scale vector; ``f.batch(X)``; ``f.value_and_grad(x)``.
 
-    Build one per block visit: the cached prefix assumes the other blocks' scales stay as they
-    were at construction. ``x0`` is the block's vector at construction; calling ``f`` leaves the
+    ``space`` (with a block index) chooses the vector: ``"paper"`` (the default), ``"weights"`` or
+    ``"all"`` (:mod:`evolq.blocks`); ``layout`` names its coordinates. Build one per block visit:
+    the cached prefix assumes the other blocks' scales stay as they were at construction. ``x0`` is the block's vector at construction; calling ``f`` leaves the
     block's scales at the last ``x`` scored.
 
     ``inputs`` (optional) are the residual stream entering the block, one tensor per calibration
@@ -81,12 +82,18 @@ class BlockObjective:
         dtype: torch.dtype = torch.float32,
         x0_value: float | None = None,
         invalid_value: float | None = None,
+        space: str | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise UsageError(f"objective dtype {dtype} is not supported; allowed: torch.float32 (default) or torch.bfloat16")
         self.qmodel = qmodel
         self.dtype = dtype
-        self.block = block if isinstance(block, Block) else qmodel.block(block)
+        if isinstance(block, Block) and space not in (None, block.space):
+            raise UsageError(f"search space {space!r} differs from the given block's {block.space!r}; allowed: "
+                             "a block index with space=..., or a Block alone")
+        self.block = block if isinstance(block, Block) else qmodel.block(block, space or "paper")
+        self.space = self.block.space
+        self.layout = self.block.layout
         self.loss = get_loss(loss)
         self.batch_size = batch_size
         self.targets = fp_logits(qmodel, images, batch_size) if targets is None else targets
@@ -160,6 +167,9 @@ class BlockObjective:
 
         Counts as one evaluation; this is what the gradient baseline optimizes with.
         """
+        if any(segment.kind != "weight" for segment in self.layout):
+            raise UsageError(f"gradients are available for weight scales only; search space {self.space!r} holds "
+                             "activation scales; allowed: space 'paper' or 'weights' for a gradient optimizer")
         self.block.set_scales(x)
         self.evaluations += 1
         scale = torch.from_numpy(np.asarray(x, dtype=np.float32)).requires_grad_(True)

@@ -59,6 +59,9 @@ class RunConfig:
     evaluations_per_block: int = 4
     loss: str = "infonce"
     order: str = "reverse"
+    search_space: str = "paper"
+    coordinates: str | None = None  # None: the space's default (evolq.search.default_coordinates)
+    select_by: str = "top1"
 
     def quant_config(self) -> QuantConfig:
         base = QuantConfig.preset(self.preset)
@@ -73,7 +76,8 @@ class RunConfig:
             raise UsageError(f"selection size {self.selection_size} is not allowed; allowed: a positive number of "
                              "images (the search picks its best pass on them)")
         check_search_settings(self.passes, self.evaluations_per_block, self.order,
-                              None if self.optimizer == "none" else self.optimizer)
+                              None if self.optimizer == "none" else self.optimizer, space=self.search_space,
+                              coordinates=self.coordinates, select_by=self.select_by)
         if self.eval_size is not None and (isinstance(self.eval_size, bool) or not isinstance(self.eval_size, int)
                                            or self.eval_size < 1):
             raise UsageError(f"eval size {self.eval_size!r} is not allowed; allowed: an integer >= 1 "
@@ -196,7 +200,8 @@ def run_quantize(config: RunConfig, out: str | Path | None = None, resume: bool 
                 qmodel, calib_images, prepared.selection, optimizer=config.optimizer, passes=config.passes,
                 evaluations_per_block=config.evaluations_per_block, order=config.order, loss=config.loss,
                 seed=config.seed, checkpoint_dir=out, resume=resume, fingerprint=config.fingerprint(),
-                progress=progress,
+                progress=progress, space=config.search_space, coordinates=config.coordinates,
+                select_by=config.select_by,
             )
         except KeyboardInterrupt:
             if out is not None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from evolq.blocks import Block, discover_blocks
+from evolq.blocks import Block, check_space, discover_blocks
 from evolq.errors import UsageError
 from evolq.quant.config import QuantConfig
 from evolq.quant.convert import convert_vit
@@ -33,7 +33,8 @@ class QuantizedModel(nn.Module):
         super().__init__()
         self.config = QuantConfig.preset(config) if isinstance(config, str) else config
         self.model = convert_vit(copy.deepcopy(model).eval(), self.config)
-        self.blocks: list[Block] = discover_blocks(self.model)
+        self.blocks: list[Block] = discover_blocks(self.model)  # the paper's space
+        self._spaces: dict[str, list[Block]] = {}  # the others, found once calibrated
         self.mlp_widths = [b.mlp.fc1.weight.shape[0] for b in self.model.blocks if hasattr(b.mlp, "fc1")]
         self.head_counts = [b.module.attn.num_heads for b in self.blocks]
         self.calibrated = False
@@ -92,6 +93,7 @@ class QuantizedModel(nn.Module):
         for quantizer in self.quantizers():
             if quantizer.mode == "observe":
                 quantizer.finish_calibration()
+        self._spaces.clear()
         self.calibrated = True
         self._set_mode("quant")
         return self
@@ -154,8 +156,8 @@ class QuantizedModel(nn.Module):
         """Logits from the residual stream entering block ``block``."""
         return self._head(self._blocks(h, block))
 
-    def block(self, index: int) -> Block:
-        """Block ``index``; negative indices count from the end."""
+    def block(self, index: int, space: str = "paper") -> Block:
+        """Block ``index`` with the vector of search space ``space``; negative indices count from the end."""
         count = len(self.blocks)
         try:
             position = operator.index(index) if not isinstance(index, bool) else None
@@ -163,12 +165,20 @@ class QuantizedModel(nn.Module):
             position = None
         if position is None or not -count <= position < count:
             raise UsageError(f"block index {index!r} is out of range; allowed: 0..{count - 1} (or -{count}..-1)")
-        return self.blocks[position]
+        return self.blocks_in(space)[position]
+
+    def blocks_in(self, space: str) -> list[Block]:
+        """Every block with the vector of search space ``space`` (made once per space and calibration)."""
+        if space == "paper":
+            return self.blocks
+        if space not in self._spaces:
+            self._spaces[space] = discover_blocks(self.model, check_space(space))
+        return self._spaces[space]
 
     # -- scales ------------------------------------------------------------------------------
-    def scales(self) -> dict[str, torch.Tensor]:
-        """Every block's scale vector by block name, for saving."""
-        return {f"block{b.index}": torch.from_numpy(b.scales()).float() for b in self.blocks}
+    def scales(self, space: str = "paper") -> dict[str, torch.Tensor]:
+        """Every block's vector in search space ``space`` by block name, for saving."""
+        return {f"block{b.index}": torch.from_numpy(b.scales()).float() for b in self.blocks_in(space)}
 
     def quant_state(self) -> dict[str, torch.Tensor]:
         """Every quantizer's scale and zero point: all a calibrated model needs besides its FP weights."""
@@ -186,12 +196,14 @@ class QuantizedModel(nn.Module):
             setattr(self.get_submodule(owner), attribute, state[name].clone())
         for layer in self.weight_layers():
             layer.invalidate()
+        self._spaces.clear()  # PTF factors may differ
         self.calibrated = True
         self._set_mode("quant")
         return self
 
-    def load_scales(self, scales: dict[str, torch.Tensor]) -> None:
-        for block in self.blocks:
+    def load_scales(self, scales: dict[str, torch.Tensor], space: str = "paper") -> None:
+        """Write back what :meth:`scales` gave for the same ``space``."""
+        for block in self.blocks_in(space):
             key = f"block{block.index}"
             if key not in scales:
                 raise UsageError(f"scales file has no {key!r}; allowed: a file written for this model and preset")

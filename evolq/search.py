@@ -1,10 +1,14 @@
 """``search``: the block-wise Evol-Q loop with any optimizer, checkpointed after every block visit.
 
 Blocks are visited last to first (``order="reverse"``), ``passes`` times. Each visit builds a
-:class:`BlockObjective` (prefix cached for that block), runs a fresh optimizer seeded from the
-run seed, pass and block for ``evaluations_per_block`` evaluations, and keeps its best point.
-After each pass the model is scored on the held-out selection split; the best pass (the PTQ
-start counts as pass 0) is what the search returns. The evaluation split is never looked at.
+:class:`BlockObjective` over the block's vector in the search ``space`` (prefix cached for that
+block), runs a fresh optimizer seeded from the run seed, pass and block for
+``evaluations_per_block`` evaluations, and keeps its best point. The optimizer sees the vector
+as it is (``coordinates="scales"``, the paper's) or in ratios to the visit's start
+(``"ratios"``: every step relative to its own coordinate; the default of the spaces that mix
+weight and activation scales). After each pass the model is scored on the held-out selection
+split; the best pass (the PTQ start counts as pass 0) by top-1 (ties: loss) or by loss
+(``select_by``) is what the search returns. The evaluation split is never looked at.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import optimizers
+from evolq.blocks import check_space
 from evolq.checkpoint import SearchCheckpoint
 from evolq.errors import UsageError
 from evolq.evaluate import batch_outputs, percent_correct
@@ -30,13 +35,25 @@ from evolq.objective import DEFAULT_BATCH, BlockObjective, fp_logits, model_loss
 from evolq.qmodel import QuantizedModel
 
 ORDERS = ("reverse", "forward")
+COORDINATES = ("scales", "ratios")
+SELECT_BY = ("top1", "loss")
+RATIO_EPS = 0.02  # the mutation size in ratios (measured: docs/benchmarks.md, "Search spaces")
 PASS_CACHE_BYTES = 2**30  # most memory spent on every block's inputs at once (else each visit computes its own)
 HISTORY_COLUMNS = ["pass", "block", "optimizer", "evaluation", "value", "best", "seconds"]
 
 
-def default_eps(weight_bits: int) -> float:
-    """The released code's mutation size: 1e-4 for 8-bit weights, 1e-3 otherwise (3 and 4 bit)."""
+def default_eps(weight_bits: int, coordinates: str = "scales") -> float:
+    """The released code's mutation size on scales: 1e-4 for 8-bit weights, 1e-3 otherwise (3 and 4 bit);
+    ``RATIO_EPS`` in ratios."""
+    if coordinates == "ratios":
+        return RATIO_EPS
     return 1e-4 if weight_bits == 8 else 1e-3
+
+
+def default_coordinates(space: str) -> str:
+    """What the optimizer sees by default: the paper's scales as they are; ratios where activation scales
+    (about 10-100x the weight scales) or MLP weight scales (about 10x smaller than qkv's) join them."""
+    return "scales" if space == "paper" else "ratios"
 
 
 def visit_seed(seed: int, pass_index: int, block: int) -> int:
@@ -44,11 +61,11 @@ def visit_seed(seed: int, pass_index: int, block: int) -> int:
     return int(np.random.SeedSequence([seed, pass_index, block]).generate_state(1)[0])
 
 
-def make_optimizer(name: str, weight_bits: int, options: dict) -> optimizers.Optimizer:
-    """The optimizer for one visit; ``eps`` defaults to the paper's value for this bit width where accepted."""
+def make_optimizer(name: str, weight_bits: int, options: dict, coordinates: str = "scales") -> optimizers.Optimizer:
+    """The optimizer for one visit; ``eps`` defaults to :func:`default_eps` where accepted."""
     optimizer = optimizers.make(name, **options)
     if "eps" not in options and "eps" in inspect.signature(type(optimizer).__init__).parameters:
-        optimizer = optimizers.make(name, eps=default_eps(weight_bits), **options)
+        optimizer = optimizers.make(name, eps=default_eps(weight_bits, coordinates), **options)
     return optimizer
 
 
@@ -66,14 +83,19 @@ class SearchResult:
 
 
 def check_search_settings(passes: int, evaluations_per_block: int, order: str, optimizer: str | None = None,
-                          options: dict | None = None) -> None:
+                          options: dict | None = None, space: str = "paper", coordinates: str | None = None,
+                          select_by: str = "top1") -> None:
     """One-line :class:`UsageError` for passes or evaluations per block below 1, unknown block orders,
-    and (if given) an optimizer name or options that ``optimizers.make`` refuses."""
+    spaces, coordinates or selections, and (if given) an optimizer name or options that
+    ``optimizers.make`` refuses."""
     for name, value in (("passes", passes), ("evaluations per block", evaluations_per_block)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} {value!r} is not allowed; allowed: an integer >= 1")
-    if order not in ORDERS:
-        raise UsageError(f"block order {order!r} is unknown; allowed: {', '.join(ORDERS)}")
+    check_space(space)
+    for name, value, allowed in (("block order", order, ORDERS), ("coordinates", coordinates, (None, *COORDINATES)),
+                                 ("selection by", select_by, SELECT_BY)):
+        if value not in allowed:
+            raise UsageError(f"{name} {value!r} is unknown; allowed: {', '.join(a for a in allowed if a)}")
     if optimizer is not None:
         try:
             optimizers.make(optimizer, **(options or {}))
@@ -107,6 +129,13 @@ def selection_score(qmodel: QuantizedModel, images: torch.Tensor, labels: torch.
     return percent_correct(outputs), float(np.mean(losses))
 
 
+def _better(score: tuple[float, float], best: tuple[float, float], select_by: str) -> bool:
+    """Whether a pass's (selection top-1, selection loss) beats the best so far: by top-1 (ties: the lower
+    loss) or by loss alone; an equal score keeps the earlier pass."""
+    (top, loss), (best_top, best_loss) = score, best
+    return loss < best_loss if select_by == "loss" else (top, -loss) > (best_top, -best_loss)
+
+
 def search(
     qmodel: QuantizedModel,
     calib_images: torch.Tensor,
@@ -122,10 +151,17 @@ def search(
     resume: bool = False,
     fingerprint: dict | None = None,
     progress: bool = True,
+    space: str = "paper",
+    coordinates: str | None = None,
+    select_by: str = "top1",
 ) -> SearchResult:
-    """Search every block's scales of a calibrated ``qmodel``; leaves it at the best pass's scales."""
+    """Search every block's vector in ``space`` of a calibrated ``qmodel``; leaves it at the best pass's scales.
+
+    ``coordinates`` None means :func:`default_coordinates` of the space.
+    """
     options = dict(optimizer_options or {})
-    check_search_settings(passes, evaluations_per_block, order, optimizer, options)
+    check_search_settings(passes, evaluations_per_block, order, optimizer, options, space, coordinates, select_by)
+    coordinates = coordinates or default_coordinates(space)
     loss_fn = get_loss(loss)
     targets = fp_logits(qmodel, calib_images)
     selection_images, selection_labels = selection
@@ -133,13 +169,13 @@ def search(
     blocks = list(range(len(qmodel.blocks)))
     visits = [(p, b) for p in range(1, passes + 1) for b in (blocks[::-1] if order == "reverse" else blocks)]
 
-    state = SearchCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir else None
+    state = SearchCheckpoint(checkpoint_dir, fingerprint, space) if checkpoint_dir else None
     if state is not None and resume and state.exists():
         done, history, pass_log, best = state.load(qmodel)
     else:
         top, sel_loss = selection_score(qmodel, selection_images, selection_labels, selection_targets, loss_fn)
         done, history, pass_log = 0, [], [dict(pass_index=0, selection_top1=top, selection_loss=sel_loss)]
-        best = dict(pass_index=0, selection_top1=top, selection_loss=sel_loss, scales=qmodel.scales())
+        best = dict(pass_index=0, selection_top1=top, selection_loss=sel_loss, scales=qmodel.scales(space))
     started = time.time() - (history[-1]["seconds"] if history else 0.0)
     known_loss = None  # the whole model's loss as it stands, once a visit has computed it
     inputs = None  # every block's inputs, taken at the start of a reverse pass (or of a resumed one)
@@ -149,12 +185,15 @@ def search(
             if order == "reverse" and (inputs is None or block == blocks[-1]):
                 inputs = pass_inputs(qmodel, calib_images)
             objective = BlockObjective(qmodel, block, calib_images, loss_fn, targets=targets, x0_value=known_loss,
-                                       inputs=None if inputs is None else inputs[block], invalid_value=math.inf)
-            chosen = make_optimizer(optimizer, qmodel.blocks[block].weight_bits, options)
-            result = chosen.minimize(objective, objective.x0, budget=evaluations_per_block,
+                                       inputs=None if inputs is None else inputs[block], invalid_value=math.inf,
+                                       space=space)
+            searched = objective if coordinates == "scales" else optimizers.Rescaled(objective, objective.x0)
+            chosen = make_optimizer(optimizer, objective.block.weight_bits, options, coordinates)
+            result = chosen.minimize(searched, searched.x0, budget=evaluations_per_block,
                                      seed=visit_seed(seed, pass_index, block))
-            qmodel.blocks[block].set_scales(result.x)
-            known_loss = objective.value_at(result.x)
+            best_x = result.x if coordinates == "scales" else searched.to_x(result.x)
+            objective.block.set_scales(best_x)
+            known_loss = objective.value_at(best_x)
             offset = len(history)
             for row in result.history.itertuples():
                 history.append(dict(zip(HISTORY_COLUMNS, (pass_index, block, optimizer, offset + row.evaluation,
@@ -164,11 +203,12 @@ def search(
             if visit + 1 == len(visits) or visits[visit + 1][0] != pass_index:
                 top, sel_loss = selection_score(qmodel, selection_images, selection_labels, selection_targets, loss_fn)
                 pass_log.append(dict(pass_index=pass_index, selection_top1=top, selection_loss=sel_loss))
-                if (top, -sel_loss) > (best["selection_top1"], -best["selection_loss"]):
-                    best = dict(pass_index=pass_index, selection_top1=top, selection_loss=sel_loss, scales=qmodel.scales())
+                if _better((top, sel_loss), (best["selection_top1"], best["selection_loss"]), select_by):
+                    best = dict(pass_index=pass_index, selection_top1=top, selection_loss=sel_loss,
+                                scales=qmodel.scales(space))
             if state is not None:
                 state.save(qmodel, visit + 1, history, pass_log, best)
-    qmodel.load_scales(best["scales"])
+    qmodel.load_scales(best["scales"], space)
     calib_loss = model_loss(qmodel, calib_images, targets, loss_fn)
     return SearchResult(
         best_pass=best["pass_index"],

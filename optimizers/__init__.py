@@ -11,10 +11,11 @@ from optimizers.cmaes import CMAES
 from optimizers.random_search import RandomSearch
 from optimizers.gradient import Adam
 from optimizers.nevergrad_adapter import Nevergrad
+from optimizers.rescaled import Rescaled
 
 __all__ = [
     "InputError", "Optimizer", "Result", "minimize", "make", "available", "register",
-    "EvolutionarySearch", "CMAES", "RandomSearch", "Adam", "Nevergrad",
+    "EvolutionarySearch", "CMAES", "RandomSearch", "Adam", "Nevergrad", "Rescaled",
 ]
 
 # --- comparison harness (optimizers.compare, optimizers.problems) goes below this line ---

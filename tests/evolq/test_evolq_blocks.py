@@ -21,7 +21,7 @@ def test_discover_blocks_finds_every_attention_block_in_order(calibrated_w4a8):
         assert block.layers == [module.attn.qkv, module.attn.proj]
         assert block.sizes == [3 * EMBED, EMBED] and block.dim == DIM
         assert block.weight_bits == 4
-    assert repr(blocks[2]) == f"Block(index=2, name='blocks.2', dim={DIM})"
+    assert repr(blocks[2]) == "Block(index=2, name='blocks.2', space='paper')"
 
 
 def test_scales_are_the_two_layers_weight_scales_as_float64(calibrated_w4a8):

@@ -52,8 +52,8 @@ def test_landscape_top1_scores_every_selection_image_and_names_its_axis(tmp_path
 def test_compare_on_the_default_model_writes_results_summary_and_figure(tmp_path):
     out = tmp_path / "grid"
     assert main(["compare", "--optimizers", "evolq,random", "--presets", "w4a8", "--seeds", "1", "--passes", "1",
-                 "--evaluations-per-block", "2", "--calib-size", "50", "--selection-size", "50",
-                 "--eval-size", "200", "--out", str(out)]) == 0
+                 "--evaluations-per-block", "2", "--calib-size", "50", "--selection-size", "50", "--search-space",
+                 "all", "--eval-size", "200", "--out", str(out)]) == 0
     results = pd.read_csv(out / "results.csv")
     finals = results[results["final"].astype(bool)].set_index("optimizer")
     assert sorted(finals.index) == ["evolq", "random"] and set(finals["problem"]) == {"w4a8"}
@@ -67,6 +67,6 @@ def test_compare_on_the_default_model_writes_results_summary_and_figure(tmp_path
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run finds every cell done and runs nothing
     assert main(["compare", "--optimizers", "evolq,random", "--presets", "w4a8", "--seeds", "1", "--passes", "1",
-                 "--evaluations-per-block", "2", "--calib-size", "50", "--selection-size", "50",
-                 "--eval-size", "200", "--out", str(out)]) == 0
+                 "--evaluations-per-block", "2", "--calib-size", "50", "--selection-size", "50", "--search-space",
+                 "all", "--eval-size", "200", "--out", str(out)]) == 0
     assert pd.read_csv(out / "results.csv").equals(results)

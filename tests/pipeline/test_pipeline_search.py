@@ -43,27 +43,29 @@ def _interrupt_after(monkeypatch, saves: int):
     monkeypatch.setattr(SearchCheckpoint, "save", save_then_stop)
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(fmnist_train, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("space", ["paper", "all"])
+def test_resume_after_interruption_equals_uninterrupted_run(fmnist_train, data, tmp_path, monkeypatch, space):
     calib, selection = data
     images, _ = fmnist_train
 
     def fresh():
         return evolq.QuantizedModel(evolq.load_default(), "w4a8").calibrate(images[:200], progress=False)
 
+    settings = dict(passes=2, seed=3, space=space, progress=False)
     straight = fresh()
-    expected = evolq.search(straight, calib, selection, passes=2, seed=3, progress=False)
+    expected = evolq.search(straight, calib, selection, **settings)
 
     _interrupt_after(monkeypatch, saves=7)  # stop inside the second pass
     interrupted = fresh()
     with pytest.raises(KeyboardInterrupt):
-        evolq.search(interrupted, calib, selection, passes=2, seed=3, checkpoint_dir=tmp_path, progress=False)
+        evolq.search(interrupted, calib, selection, checkpoint_dir=tmp_path, **settings)
     monkeypatch.undo()
 
     resumed_model = fresh()
-    resumed = evolq.search(resumed_model, calib, selection, passes=2, seed=3, checkpoint_dir=tmp_path,
-                           resume=True, progress=False)
-    for a, b in zip(straight.blocks, resumed_model.blocks):
-        assert np.array_equal(a.scales(), b.scales())
+    resumed = evolq.search(resumed_model, calib, selection, checkpoint_dir=tmp_path, resume=True, **settings)
+    assert straight.quant_state().keys() == resumed_model.quant_state().keys()
+    for name, tensor in straight.quant_state().items():  # every quantizer, activations included
+        assert torch.equal(tensor, resumed_model.quant_state()[name]), name
     assert resumed.calib_loss == expected.calib_loss
     assert resumed.best_pass == expected.best_pass
     assert resumed.history["value"].tolist() == expected.history["value"].tolist()
@@ -114,3 +116,42 @@ def test_a_run_recorded_before_placements_existed_loads_as_inputs(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps(recorded))
     assert evolq.RunConfig.from_result(tmp_path / "result.json").placement == "inputs"
     assert evolq.load_quantized(tmp_path).config.placement == "inputs"
+
+
+@pytest.mark.parametrize("select_by", ["top1", "loss"])
+def test_the_returned_pass_is_the_best_by_the_chosen_measure(qmodel_w4a8, data, select_by):
+    calib, selection = data
+    found = evolq.search(qmodel_w4a8, calib, selection, passes=3, seed=1, select_by=select_by, space="weights",
+                         progress=False)
+    passes = found.passes
+    assert [p["pass_index"] for p in passes] == [0, 1, 2, 3]
+    if select_by == "loss":
+        chosen = min(passes, key=lambda p: p["selection_loss"])
+    else:  # the highest top-1, the lower loss among equals
+        chosen = max(passes, key=lambda p: (p["selection_top1"], -p["selection_loss"]))
+    assert found.best_pass == chosen["pass_index"]
+    assert (found.selection_top1, found.selection_loss) == (chosen["selection_top1"], chosen["selection_loss"])
+
+
+def test_spaces_other_than_the_papers_search_in_ratios_by_default(qmodel_w4a8, data, monkeypatch):
+    """The optimizer sees ones at every visit's start (ratios), with the ratio mutation size."""
+    import optimizers
+    from evolq.search import RATIO_EPS
+
+    calib, selection = data
+    starts, sizes = [], []
+    original = optimizers.EvolutionarySearch.minimize
+
+    def spy(self, f, x0, *args, **kwargs):
+        starts.append(np.asarray(x0).copy())
+        sizes.append(self.eps)
+        return original(self, f, x0, *args, **kwargs)
+
+    monkeypatch.setattr(optimizers.EvolutionarySearch, "minimize", spy)
+    evolq.search(qmodel_w4a8, calib, selection, passes=1, seed=0, space="all", progress=False)
+    assert len(starts) == 6 and all(np.array_equal(x, np.ones_like(x)) for x in starts)
+    assert sizes == [RATIO_EPS] * 6
+    starts.clear()
+    last_block = qmodel_w4a8.block(5).scales()  # the paper's space: the scales as they are, eps 1e-3 at 4 bits
+    evolq.search(qmodel_w4a8, calib, selection, passes=1, seed=0, space="paper", progress=False)
+    assert np.array_equal(starts[0], last_block) and sizes[-1] == 1e-3

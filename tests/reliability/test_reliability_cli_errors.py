@@ -52,6 +52,9 @@ def quantize(checkpoint, fmnist):
     (["--calib-size", "0"], 2, ["calib size 0", "positive"]),
     (["--selection-size", "-1"], 2, ["selection size -1", "positive"]),
     (["--calib-size", "1200"], 2, ["1200", "1100 training images", "allowed"]),
+    (["--search-space", "activations"], 2, ["search space 'activations'", "paper, weights, all"]),
+    (["--coordinates", "log"], 2, ["coordinates 'log'", "scales, ratios"]),
+    (["--select-by", "top5"], 2, ["selection by 'top5'", "top1, loss"]),
 ])
 def test_quantize_rejects_bad_values_before_any_work(quantize, tmp_path, extra, rc, needles):
     quantize(tmp_path / "out", *extra).check_error(rc, *needles)
