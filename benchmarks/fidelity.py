@@ -29,7 +29,7 @@ model's size (std 1 and 0.5), as ``tests/evolq/evolq_testing.py``'s ``random_vit
 ``--model default`` (item 4): evolq's shipped Fashion-MNIST ViT in the released
 ``VisionTransformer``, calibrated on evolq's calibration split (1,000 training images, batches of
 100), PTQ top-1 on the whole test split; ``--search`` then runs the released block-wise
-evolutionary search (``JointQuantization.evolutionary_algorithm``, 10 passes, 3 cycles) without
+evolutionary search (``JointQuantization.evolutionary_algorithm``, ``--passes``, 10 by default, 3 cycles) without
 its per-block validation on the test set: the model after the last pass is the result.
 """
 
@@ -366,7 +366,7 @@ def fidelity_default(args: argparse.Namespace, released: types.ModuleType) -> di
         preset = args.search if args.search != "auto" else min(
             result["presets"], key=lambda p: result["presets"][p]["released_ptq_top1"])
         theirs, batches, evaluation = released_models[preset]
-        result["search"] = released_search(theirs, batches, evaluation, args.seed)
+        result["search"] = released_search(theirs, batches, evaluation, args.seed, args.passes)
         result["search"]["preset"] = preset
         result["search"]["gain"] = result["search"]["top1"] - result["presets"][preset]["released_ptq_top1"]
         print(f"released search at {preset}: top-1 {result['search']['top1']:.2f} "
@@ -415,6 +415,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="deit_tiny: calibration batch size")
     parser.add_argument("--held-out", type=int, default=0, help="deit_tiny: further synthetic images to compare on")
     parser.add_argument("--search", default=None, help="default model: preset to run the released search at, or auto")
+    parser.add_argument("--passes", type=int, default=10, help="passes of the released search (default 10, the paper's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/fidelity/fidelity.json")
