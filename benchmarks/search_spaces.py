@@ -12,12 +12,12 @@ and searched top-1 (mean ± std over seeds), the gain of every seed, wall second
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-import evolq.search
 from evolq.files import read_json
 from evolq.pipeline import RunConfig, run_quantize
 
@@ -44,12 +44,13 @@ def run_cell(folder: Path, config: RunConfig, ratio_eps: float | None) -> dict:
     result_file = folder / "result.json"
     if result_file.is_file() and read_json(result_file).get("complete"):
         return read_json(result_file)
-    default_eps = evolq.search.RATIO_EPS
-    evolq.search.RATIO_EPS = ratio_eps or default_eps  # the only setting RunConfig does not carry
+    module = importlib.import_module("evolq.search")  # the module: evolq.search is also the function's name
+    default_eps = module.RATIO_EPS
+    module.RATIO_EPS = ratio_eps or default_eps  # the only setting RunConfig does not carry
     try:
         return run_quantize(config, out=folder, resume=(folder / "checkpoint.safetensors").is_file(), progress=False)
     finally:
-        evolq.search.RATIO_EPS = default_eps
+        module.RATIO_EPS = default_eps
 
 
 def main() -> None:
