@@ -123,3 +123,14 @@ def test_scales_in_a_space_round_trip_through_the_model(qmodel):
     block.set_scales(block.scales() * 1.25)
     qmodel.load_scales(saved, "all")
     assert all(torch.equal(saved[k], v) for k, v in qmodel.scales("all").items())
+
+
+def test_a_bad_activation_coordinate_is_refused_and_nothing_is_written(qmodel):
+    block = qmodel.block(2, "all")
+    x0 = block.scales()
+    (score,) = [s for s in block.layout if s.name == "attn.score_quant"]
+    x = x0 * 1.1
+    x[score.start] = -0.5
+    with pytest.raises(UsageError, match=f"non-positive value -0.5 at index {score.start}; allowed: scales > 0"):
+        block.set_scales(x)
+    assert np.array_equal(block.scales(), x0)
