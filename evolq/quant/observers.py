@@ -54,12 +54,15 @@ def _l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # in all, at least MIN_PER_CHANNEL of each channel, for the middle of each channel's values, and
 # on every value of the tails (beyond the sample's TAIL and 1 - TAIL quantiles): the clipping
 # that OMSE weighs against resolution happens there, on values too few for a sample to see well.
-# A candidate whose estimated error is within MARGIN (relative) of the best estimate is scored
-# again exactly. docs/performance.md, "Calibration", has the measurements behind these numbers.
+# A candidate is scored again exactly unless its estimated error exceeds the best estimate's by
+# more than Z standard errors of the sampled difference plus CLOSE (relative): the float32 sums
+# of the exact scoring may differ from these float64 ones that much. docs/performance.md,
+# "Calibration", has the measurements behind these numbers.
 SAMPLE_SIZE = 1 << 16
 MIN_PER_CHANNEL = 1024
-TAIL = 0.005
-MARGIN = 0.02
+TAIL = 0.001
+Z = 6.0
+CLOSE = 1e-4
 FACTOR_CHUNK = 8  # candidates scored together: bounds the temporaries
 
 
@@ -76,17 +79,18 @@ def _squared_errors(values: torch.Tensor, scales: torch.Tensor, zero_points: tor
 
 
 def sampled_errors(rows: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
-                   bit_type: BitType) -> torch.Tensor:
+                   bit_type: BitType) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Estimated sum of squared fake-quantization errors of each candidate grid on each row.
 
     ``rows`` is ``(channels, n)``; ``scales`` and ``zero_points`` are ``(candidates, channels)``.
-    Returns ``(candidates, channels)`` float64: the sums over the sample's middle scaled to the
-    values it stands for, plus the exact sums over the tails; exact where a row is short.
+    Returns the ``(candidates, channels)`` float64 estimates (exact sums over the tails plus the
+    sample's middle scaled to the values it stands for) and the sampled terms behind them,
+    ``(candidates, channels, sample)``, for :func:`near_best`; exact sums and None where a row is short.
     """
     channels, count = rows.shape
     size = max(SAMPLE_SIZE // channels, MIN_PER_CHANNEL)
     if count <= size:
-        return _squared_errors(rows, scales.unsqueeze(2), zero_points.unsqueeze(2), bit_type).sum(dim=2)
+        return _squared_errors(rows, scales.unsqueeze(2), zero_points.unsqueeze(2), bit_type).sum(dim=2), None
     picks = torch.randint(count, (size,), generator=torch.Generator().manual_seed(0)).to(rows.device)
     sample = rows[:, picks]
     low, high = torch.quantile(sample, torch.tensor([TAIL, 1 - TAIL], device=rows.device), dim=1, keepdim=True)
@@ -94,16 +98,26 @@ def sampled_errors(rows: torch.Tensor, scales: torch.Tensor, zero_points: torch.
     tails = ((rows < low) | (rows > high)).nonzero()
     channel = tails[:, 0]
     exact = _squared_errors(rows[channel, tails[:, 1]], scales[:, channel], zero_points[:, channel], bit_type)
-    estimate = (_squared_errors(sample, scales.unsqueeze(2), zero_points.unsqueeze(2), bit_type) * middle).sum(dim=2)
-    estimate *= (count - torch.bincount(channel, minlength=channels)).double() / middle.sum(dim=1)
-    return estimate.index_add_(1, channel, exact)
+    weight = (count - torch.bincount(channel, minlength=channels)).double() / middle.sum(dim=1)
+    terms = _squared_errors(sample, scales.unsqueeze(2), zero_points.unsqueeze(2), bit_type)
+    terms *= (middle * weight.unsqueeze(1)).unsqueeze(0)
+    return terms.sum(dim=2).index_add_(1, channel, exact), terms
 
 
-def near_best(errors: torch.Tensor) -> torch.Tensor:
-    """Which candidates (rows) come within ``MARGIN`` of each column's lowest error; all where any is not finite."""
-    lowest = errors.min(dim=0).values
-    near = errors <= lowest * (1 + MARGIN)
-    return near | ~torch.isfinite(errors).all(dim=0)
+def near_best(estimate: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
+    """Which candidates (rows of ``estimate``, one column per choice) may have the lowest exact error.
+
+    A candidate is out when its estimate exceeds the column's best by more than ``Z`` standard
+    errors of the sampled difference (the paired terms of the two on the same sample values)
+    plus ``CLOSE`` of the best; every candidate stays where an estimate is not finite.
+    """
+    best = estimate.argmin(dim=0, keepdim=True)
+    lowest = estimate.gather(0, best)
+    slack = lowest * CLOSE
+    if terms is not None:
+        paired = terms - terms.gather(0, best.unsqueeze(2).expand(1, *terms.shape[1:]))
+        slack = slack + Z * (paired.var(dim=2) * terms.shape[2]).sqrt()
+    return (estimate - lowest <= slack) | ~torch.isfinite(estimate).all(dim=0)
 
 
 class Observer:
@@ -180,8 +194,8 @@ class OMSEObserver(Observer):
     """Min and max over all batches, shrunk by ``1 - 0.01 i`` (i < 90) to the lowest L2 error on the last batch.
 
     The choice is FQ-ViT's (the first factor with the lowest error, errors as :func:`_l2` computes
-    them) at a fraction of the cost: every factor is first scored on a sample of the last batch
-    (:func:`sampled_errors`), and only those within ``MARGIN`` of the sample's best are scored
+    them) at a fraction of the cost: every factor is first estimated on a sample of the last batch
+    (:func:`sampled_errors`), and only those that may be the best (:func:`near_best`) are scored
     on the whole batch.
     """
 
@@ -201,9 +215,11 @@ class OMSEObserver(Observer):
                  for i in range(self.SHRINK_STEPS)]
         channels = 1 if self.channel_axis is None else self.last.shape[self.channel_axis]
         rows = self.last.reshape(1, -1) if self.channel_axis is None else self.last.movedim(self.channel_axis, 0)
-        estimate = sampled_errors(rows.reshape(channels, -1), *(torch.stack([g[k].reshape(channels) for g in grids])
-                                                               for k in (0, 1)), self.bit_type).sum(dim=1)
-        for i in near_best(estimate.unsqueeze(1)).squeeze(1).nonzero().flatten().tolist():
+        estimate, terms = sampled_errors(rows.reshape(channels, -1), *(
+            torch.stack([grid[k].reshape(channels) for grid in grids]) for k in (0, 1)), self.bit_type)
+        if terms is not None:  # one choice for all channels: their sums, their terms side by side
+            terms = terms.reshape(len(grids), 1, -1)
+        for i in near_best(estimate.sum(dim=1, keepdim=True), terms).squeeze(1).nonzero().flatten().tolist():
             scale, zero_point = grids[i]
             error = _l2(self.last, fake_quantize(self.last, scale, zero_point, self.bit_type, self.channel_axis)).item()
             if error < best_error:
@@ -216,8 +232,8 @@ class PTFObserver(Observer):
 
     Channels are the last axis. The zero point is shared, so the integer LayerNorm of FQ-ViT
     could run on it; each channel's factor is the one with the lowest L2 error on the last batch,
-    scored on a sample first (as :class:`OMSEObserver` does) and on the whole batch only for the
-    channels where two factors come within ``MARGIN`` of each other on the sample.
+    estimated on a sample first (as :class:`OMSEObserver` does) and scored on the whole batch only
+    for the channels where more than one factor may be the best.
     """
 
     FACTORS = (1, 2, 4, 8)
@@ -240,9 +256,9 @@ class PTFObserver(Observer):
         factors = torch.tensor(self.FACTORS, dtype=base.dtype)
         scales = (base * factors).unsqueeze(1).expand(-1, width)
         zero = shared_zero.expand(width).contiguous()
-        estimate = sampled_errors(channels.T, scales, zero.expand(len(factors), -1), self.bit_type)
+        estimate, terms = sampled_errors(channels.T, scales, zero.expand(len(factors), -1), self.bit_type)
         choice = estimate.argmin(dim=0)
-        unsure = (near_best(estimate).sum(dim=0) != 1).nonzero().flatten()
+        unsure = (near_best(estimate, terms).sum(dim=0) != 1).nonzero().flatten()
         if len(unsure):
             subset = channels[:, unsure]
             errors = [(fake_quantize(subset, scale[unsure].contiguous(), zero[unsure], self.bit_type, channel_axis=-1)
