@@ -130,10 +130,10 @@ class Observer:
         self.high: torch.Tensor | None = None
 
     def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min and max in one pass; channels on the last axis, where activations have them, need no copy."""
         if self.channel_axis is None:
-            return x.min(), x.max()
-        flat = x.detach().movedim(self.channel_axis, 0).reshape(x.shape[self.channel_axis], -1)
-        return flat.min(dim=1).values, flat.max(dim=1).values
+            return torch.aminmax(x)
+        return torch.aminmax(x.detach().movedim(self.channel_axis, -1).reshape(-1, x.shape[self.channel_axis]), dim=0)
 
     def update(self, x: torch.Tensor) -> None:
         low, high = self._reduce(x.detach().float())
