@@ -4,12 +4,15 @@ Two sources: Fashion-MNIST read from the raw ``*-ubyte.gz`` files (the Debian pa
 ``dataset-fashion-mnist``), and ImageNet-style folders (``train/``, ``val/``) read with
 timm's data config for the model. Both end in plain ``(images, labels)`` tensors or a
 ``torch.utils.data.Dataset`` that :func:`make_splits` cuts into seeded, disjoint splits.
+Fashion-MNIST goes to a model that wants other images (any timm ViT) through
+:class:`AdaptedImages`: resized, its gray channel repeated, normalized as the model expects.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +60,12 @@ def _locate_fmnist_file(folder: Path, name: str) -> Path | None:
 
 def load_fmnist(split: str, path: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized ``(N, 1, 28, 28)`` float images and ``(N,)`` int64 labels of one split."""
+    pixels, labels = _fmnist_pixels(split, path)
+    return pixels.sub_(FMNIST_MEAN).div_(FMNIST_STD), labels
+
+
+def _fmnist_pixels(split: str, path: str | os.PathLike | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, 1, 28, 28)`` float images in [0, 1] and ``(N,)`` int64 labels of one split."""
     if split not in FMNIST_FILES:
         raise UsageError(f"Fashion-MNIST split {split!r} is unknown; allowed: {', '.join(FMNIST_FILES)}")
     folder = fmnist_dir(path)
@@ -68,10 +77,79 @@ def load_fmnist(split: str, path: str | os.PathLike | None = None) -> tuple[torc
             f"install the Debian package (apt-get install dataset-fashion-mnist), "
             f"or point --data-dir / ${FMNIST_ENV} at a folder holding them"
         )
-    images = torch.from_numpy(_read_idx(files[0], 4).copy()).float().div_(255.0)
-    images = images.sub_(FMNIST_MEAN).div_(FMNIST_STD).unsqueeze(1)
+    images = torch.from_numpy(_read_idx(files[0], 4).copy()).float().div_(255.0).unsqueeze(1)
     labels = torch.from_numpy(_read_idx(files[1], 2).astype(np.int64))
     return images, labels
+
+
+FMNIST_SHAPE = (1, 28, 28)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # timm's names that torch's interpolate shares
+FMNIST_CLASSES = 10
+
+
+class AdaptedImages(Dataset):
+    """Fashion-MNIST as a model with another input wants it, one image at a time (a whole split
+    at 224 x 224 x 3 would take 36 GB): resized with ``interpolation``, clamped to [0, 1] (as
+    8-bit pixels would be), the gray channel repeated, normalized with ``mean`` and ``std``."""
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, shape: tuple[int, int, int],
+                 mean: tuple[float, ...], std: tuple[float, ...], interpolation: str) -> None:
+        self.pixels, self.labels, self.shape, self.interpolation = pixels, labels, shape, interpolation
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        channels, height, width = self.shape
+        image = self.pixels[index : index + 1]
+        if image.shape[-2:] != (height, width):
+            extra = {} if self.interpolation == "nearest" else {"align_corners": False}
+            image = torch.nn.functional.interpolate(image, size=(height, width), mode=self.interpolation, **extra)
+        image = image[0].clamp(0.0, 1.0).expand(channels, height, width)
+        return (image - self.mean) / self.std, self.labels[index]
+
+
+def model_input(model: torch.nn.Module) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...], str]:
+    """The input ``model`` takes: (channels, height, width), per-channel mean and std, interpolation.
+
+    The shape is the patch embedding's (what the model accepts), mean, std and interpolation
+    timm's data config for the model (a gray model without a gray config: Fashion-MNIST's own
+    mean and std); a value that does not fit is one line naming it.
+    """
+    from timm.data import resolve_data_config
+
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    proj = getattr(embed, "proj", None)
+    if size is None or not hasattr(proj, "in_channels"):
+        raise UsageError(f"model {type(model).__name__!r} does not say its input size (no patch_embed.img_size); "
+                         "allowed with --data fmnist: a timm ViT whose patch embedding has a fixed input size, "
+                         "or --data with an ImageNet-style folder")
+    channels = proj.in_channels
+    if channels not in (1, 3):
+        raise UsageError(f"model input of {channels} channels cannot be made from gray Fashion-MNIST; "
+                         "allowed with --data fmnist: 1 or 3 channels, or --data with an ImageNet-style folder")
+    config = resolve_data_config({}, model=model)
+    mean, std = tuple(config["mean"]), tuple(config["std"])
+    if channels == 1 and len(mean) == 3:  # a gray model with timm's RGB default (no config of its own)
+        mean, std = (FMNIST_MEAN,), (FMNIST_STD,)
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise UsageError(f"model's data config {name} {values} does not fit its {channels} input channels; "
+                             f"allowed: 1 or {channels} values")
+    interpolation = config.get("interpolation", "bicubic")
+    return (channels, *(int(n) for n in size)), mean, std, interpolation if interpolation in INTERPOLATIONS else "bicubic"
+
+
+def fmnist_for(model: torch.nn.Module, split: str, path: str | os.PathLike | None = None) -> Dataset:
+    """Fashion-MNIST for ``model``: as is (normalized with its own mean and std) where the model takes
+    1 x 28 x 28 images, like the default model; else adapted to the model's input (:class:`AdaptedImages`)."""
+    shape, mean, std, interpolation = model_input(model)
+    if shape == FMNIST_SHAPE:
+        return TensorDataset(*load_fmnist(split, path))
+    return AdaptedImages(*_fmnist_pixels(split, path), shape, mean, std, interpolation)
 
 
 def image_folder(root: str | os.PathLike, split: str, model: torch.nn.Module) -> Dataset:
@@ -160,8 +238,12 @@ def load_data(
 ) -> Splits:
     """Splits for ``source``: ``"fmnist"`` or the path of an ImageNet-style folder."""
     if source == "fmnist":
-        train = TensorDataset(*load_fmnist("train", data_dir))
-        evaluation = TensorDataset(*load_fmnist("test", data_dir))
+        train, evaluation = fmnist_for(model, "train", data_dir), fmnist_for(model, "test", data_dir)
+        classes = getattr(model, "num_classes", FMNIST_CLASSES)
+        if classes != FMNIST_CLASSES:
+            warnings.warn(f"the model's head has {classes} classes, Fashion-MNIST 10: its top-1 on Fashion-MNIST "
+                          "labels is meaningless (the search's loss compares with the FP model and is unaffected)",
+                          stacklevel=2)
     else:
         train = image_folder(source, "train", model)
         evaluation = image_folder(source, "val", model)

@@ -9,6 +9,7 @@ from torch.utils.data import TensorDataset
 import evolq.data
 from evolq.data import FMNIST_ENV, load_data, load_fmnist, make_splits
 from evolq.errors import UsageError
+from evolq.models import create_model
 from evolq.zoo import default_architecture
 
 FMNIST = evolq.data.FMNIST_DEFAULT_DIR
@@ -120,3 +121,51 @@ def test_folder_images_fit_the_default_model(tmp_path, small_model):
     assert images.shape[1:] == (1, 28, 28)
     with torch.inference_mode():
         small_model(images)
+
+
+# -- Fashion-MNIST for any timm ViT -----------------------------------------------------------------
+needs_fmnist = pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+                                  reason="Fashion-MNIST package not installed")
+
+
+@needs_fmnist
+def test_the_default_model_gets_fashion_mnist_as_before(small_model):
+    dataset = evolq.data.fmnist_for(small_model, "test")
+    images, labels = load_fmnist("test")
+    assert isinstance(dataset, TensorDataset)
+    assert torch.equal(dataset.tensors[0], images) and torch.equal(dataset.tensors[1], labels)
+
+
+@needs_fmnist
+def test_fashion_mnist_is_adapted_to_a_timm_vit_and_runs_through_it():
+    model = create_model("vit_tiny_patch16_224", img_size=32)  # the registry users name, a small input
+    with pytest.warns(UserWarning, match="1000 classes, Fashion-MNIST 10: its top-1 .* meaningless"):
+        splits = load_data("fmnist", model, calib_size=3, selection_size=1)
+    image, label = splits.calib[0]
+    assert image.shape == (3, 32, 32) and label.dtype == torch.int64
+    pixels = evolq.data._fmnist_pixels("train", None)[0][splits.calib.indices[0]]
+    resized = torch.nn.functional.interpolate(pixels[None], size=(32, 32), mode="bicubic", align_corners=False)
+    mean, std = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.5, 0.5, 0.5])  # vit_tiny's data config
+    expected = (resized[0].clamp(0, 1).expand(3, 32, 32) - mean[:, None, None]) / std[:, None, None]
+    assert torch.equal(image, expected)
+    assert model(torch.stack([splits.calib[i][0] for i in range(3)])).shape == (3, 1000)
+
+
+@needs_fmnist
+def test_a_gray_vit_gets_fashion_mnist_statistics():
+    model = create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, num_classes=10)
+    dataset = evolq.data.fmnist_for(model, "test")
+    assert isinstance(dataset, TensorDataset)  # 1 x 28 x 28: nothing to adapt
+
+
+def test_a_model_input_that_gray_images_cannot_become_is_one_line():
+    model = create_model("vit_tiny_patch16_224", img_size=32, in_chans=4)
+    with pytest.raises(UsageError, match="model input of 4 channels cannot be made from gray Fashion-MNIST; "
+                                         "allowed with --data fmnist: 1 or 3 channels"):
+        load_data("fmnist", model, calib_size=1, selection_size=1)
+
+
+def test_a_model_without_an_input_size_is_one_line():
+    with pytest.raises(UsageError, match="model 'Linear' does not say its input size") as error:
+        load_data("fmnist", torch.nn.Linear(2, 2), calib_size=1, selection_size=1)
+    assert "\n" not in str(error.value)

@@ -6,11 +6,13 @@ import torch
 from evolq.errors import UsageError
 from evolq.quant.bits import BitType
 from evolq.quant.observers import (
+    SAMPLE_SIZE,
     EMAObserver,
     MinMaxObserver,
     OMSEObserver,
     PercentileObserver,
     PTFObserver,
+    affine_qparams,
     fake_quantize,
     make_observer,
 )
@@ -132,6 +134,101 @@ def test_omse_tracks_min_max_over_all_batches_and_chooses_on_the_last():
     # every shrink down to 0.11 still holds [0, 1]: a finer grid wins on the last batch
     assert scale.item() <= 0.15 * 50 / 255
     assert zero_point.item() == 0
+
+
+# -- OMSE and PTF equal the plain loops of FQ-ViT bit for bit -----------------------------------
+def reference_omse(observer):
+    """FQ-ViT's OMSE: every shrink factor quantizes the whole last batch; the first lowest error wins."""
+    best, best_error = affine_qparams(observer.low, observer.high, observer.bit_type), float("inf")
+    for i in range(90):
+        factor = 1 - 0.01 * i
+        scale, zero_point = affine_qparams(observer.low * factor, observer.high * factor, observer.bit_type)
+        restored = fake_quantize(observer.last, scale, zero_point, observer.bit_type, observer.channel_axis)
+        error = (observer.last - restored).pow(2).mean().item()
+        if error < best_error:
+            best, best_error = (scale, zero_point), error
+    return best
+
+
+def reference_ptf(observer):
+    """FQ-ViT's PTF: every factor quantizes the whole last batch; each channel takes its first lowest error."""
+    largest, shared_zero = affine_qparams(observer.low.min(), observer.high.max(), observer.bit_type)
+    base = largest / 8
+    channels = observer.last.reshape(-1, observer.last.shape[-1])
+    zero = shared_zero.expand(channels.shape[-1]).contiguous()
+    errors = []
+    for factor in (1, 2, 4, 8):
+        scale = (base * factor).expand(channels.shape[-1]).contiguous()
+        restored = fake_quantize(channels, scale, zero, observer.bit_type, channel_axis=-1)
+        errors.append((restored - channels).pow(2).mean(dim=0))
+    return base * torch.tensor([1.0, 2.0, 4.0, 8.0])[torch.stack(errors).argmin(dim=0)], zero
+
+
+def calibration_like(seed, shape, kind):
+    """Tensors shaped like what the observers see: normal, heavy-tailed, softmax-like, constant, zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        return torch.randn(shape, generator=generator) * 3 + 0.5
+    if kind == "heavy":
+        return torch.randn(shape, generator=generator) * torch.rand(shape, generator=generator).pow(-1.5)
+    if kind == "softmax":
+        return torch.randn(shape, generator=generator).mul(4).softmax(dim=-1)
+    if kind == "gelu":
+        return torch.nn.functional.gelu(torch.randn(shape, generator=generator) * 2)
+    return torch.full(shape, 0.0 if kind == "zeros" else -1.25)
+
+
+KINDS = ("normal", "heavy", "softmax", "gelu", "constant", "zeros")
+BIT_TYPES = (UINT8, BitType(4), BitType(8, signed=True), BitType(3, signed=True))
+
+
+def assert_same(got, expected):
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bit_type", BIT_TYPES, ids=str)
+@pytest.mark.parametrize("axis", [None, 0, -1])
+def test_omse_equals_the_plain_loop(kind, bit_type, axis):
+    for seed in range(3):
+        observer = OMSEObserver(bit_type, channel_axis=axis)
+        observer.update(calibration_like(seed, (4, 30, 24), kind) * 4)  # a wider first batch: its range is kept
+        observer.update(calibration_like(seed + 10, (4, 30, 24), kind))
+        assert_same(observer.qparams(), reference_omse(observer))
+
+
+@pytest.mark.parametrize("kind", ("normal", "heavy", "softmax", "gelu"))
+@pytest.mark.parametrize("axis", [None, -1])
+def test_omse_equals_the_plain_loop_on_tensors_larger_than_the_sample(kind, axis):
+    observer = OMSEObserver(UINT8, channel_axis=axis)
+    observer.update(calibration_like(0, (3, SAMPLE_SIZE // 16, 48), kind))
+    assert observer.last.numel() > 2 * SAMPLE_SIZE
+    assert_same(observer.qparams(), reference_omse(observer))
+
+
+def test_omse_ties_keep_the_first_factor():
+    observer = OMSEObserver(UINT8)
+    observer.update(torch.zeros(5, 7))  # every factor: error 0
+    assert_same(observer.qparams(), affine_qparams(torch.tensor(0.0), torch.tensor(0.0), UINT8))
+    assert_same(observer.qparams(), reference_omse(observer))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bit_type", BIT_TYPES, ids=str)
+def test_ptf_equals_the_plain_loop(kind, bit_type):
+    for seed in range(3):
+        x = calibration_like(seed, (6, 40, 32), kind)
+        x = x * torch.logspace(-1, 1, 32)  # channel ranges 1 : 100, so that every factor is chosen somewhere
+        observer = PTFObserver(bit_type)
+        observer.update(x)
+        assert_same(observer.qparams(), reference_ptf(observer))
+
+
+def test_ptf_equals_the_plain_loop_on_tensors_larger_than_the_sample():
+    x = calibration_like(1, (8, 197, 192), "heavy") * torch.logspace(-1, 1, 192)
+    observer = PTFObserver(UINT8)
+    observer.update(x)
+    assert_same(observer.qparams(), reference_ptf(observer))
 
 
 # -- PTF -----------------------------------------------------------------------------------------
