@@ -51,8 +51,9 @@ class BlockObjective:
 
     ``space`` (with a block index) chooses the vector: ``"paper"`` (the default), ``"weights"`` or
     ``"all"`` (:mod:`evolq.blocks`); ``layout`` names its coordinates. Build one per block visit:
-    the cached prefix assumes the other blocks' scales stay as they were at construction. ``x0`` is the block's vector at construction; calling ``f`` leaves the
-    block's scales at the last ``x`` scored.
+    the cached prefix assumes the other blocks' scales stay as they were at construction. ``x0``
+    is the block's vector at construction; calling ``f`` leaves the block's scales at the last
+    ``x`` scored.
 
     ``inputs`` (optional) are the residual stream entering the block, one tensor per calibration
     batch, exactly as ``qmodel.prefix`` gives them; a caller walking the blocks in order can pass

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from evolq.blocks import Block, check_space, discover_blocks
+from evolq.blocks import Block, discover_blocks
 from evolq.errors import UsageError
 from evolq.quant.config import QuantConfig
 from evolq.quant.convert import convert_vit
@@ -172,7 +172,7 @@ class QuantizedModel(nn.Module):
         if space == "paper":
             return self.blocks
         if space not in self._spaces:
-            self._spaces[space] = discover_blocks(self.model, check_space(space))
+            self._spaces[space] = discover_blocks(self.model, space)  # Block checks the name
         return self._spaces[space]
 
     # -- scales ------------------------------------------------------------------------------

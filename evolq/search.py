@@ -37,7 +37,7 @@ from evolq.qmodel import QuantizedModel
 ORDERS = ("reverse", "forward")
 COORDINATES = ("scales", "ratios")
 SELECT_BY = ("top1", "loss")
-RATIO_EPS = 0.02  # the mutation size in ratios (measured: docs/benchmarks.md, "Search spaces")
+RATIO_EPS = 0.02  # the mutation size in ratios: 2 % of each scale (chosen; docs/benchmarks.md, "Search spaces")
 PASS_CACHE_BYTES = 2**30  # most memory spent on every block's inputs at once (else each visit computes its own)
 HISTORY_COLUMNS = ["pass", "block", "optimizer", "evaluation", "value", "best", "seconds"]
 
@@ -187,11 +187,13 @@ def search(
             objective = BlockObjective(qmodel, block, calib_images, loss_fn, targets=targets, x0_value=known_loss,
                                        inputs=None if inputs is None else inputs[block], invalid_value=math.inf,
                                        space=space)
-            searched = objective if coordinates == "scales" else optimizers.Rescaled(objective, objective.x0)
+            # in ratios the optimizer moves x / x_start; in scales x itself (times ones: the same bits)
+            unit = objective.x0 if coordinates == "ratios" else np.ones(objective.dim)
+            searched = optimizers.Rescaled(objective, unit)
             chosen = make_optimizer(optimizer, objective.block.weight_bits, options, coordinates)
             result = chosen.minimize(searched, searched.x0, budget=evaluations_per_block,
                                      seed=visit_seed(seed, pass_index, block))
-            best_x = result.x if coordinates == "scales" else searched.to_x(result.x)
+            best_x = searched.to_x(result.x)
             objective.block.set_scales(best_x)
             known_loss = objective.value_at(best_x)
             offset = len(history)
