@@ -35,6 +35,7 @@ class UniformQuantizer(nn.Module):
     def finish_calibration(self) -> None:
         """Fix scale and zero point from what the observer saw."""
         scale, zero_point = self.observer.qparams()
+        self.observer.release()
         self.scale = scale.detach().float().reshape(-1 if self.channel_axis is not None else ())
         self.zero_point = zero_point.detach().to(torch.int32).reshape(self.scale.shape)
 

@@ -300,3 +300,14 @@ def test_uniform_quantizer_modes():
     assert torch.equal(quantizer(x), x)
     quantizer.mode = "quant"
     assert torch.equal(quantizer(x), out)  # parameters survive switching off and back
+
+
+@pytest.mark.parametrize("observer", [OMSEObserver(UINT8), PTFObserver(UINT8)], ids=["omse", "ptf"])
+def test_a_fixed_quantizer_drops_the_batch_it_chose_on(observer):
+    quantizer = UniformQuantizer(UINT8, observer, channel_axis=-1 if isinstance(observer, PTFObserver) else None)
+    quantizer.mode = "observe"
+    quantizer(torch.randn(4, 8, 16))
+    assert observer.last is not None
+    quantizer.finish_calibration()
+    assert observer.last is None  # a calibrated model keeps parameters, not activations
+    assert quantizer.scale.numel() in (1, 16)
