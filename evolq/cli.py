@@ -83,6 +83,9 @@ def _add_search(parser: argparse.ArgumentParser) -> None:
                         help="which pass the search returns: top1 (default: best selection top-1, ties by loss) or loss "
                              "(lowest selection loss)")
     parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only (default: all)")
+    parser.add_argument("--candidates-per-step", type=int,
+                        help="candidates the optimizer proposes together (evolq's children per step, nevergrad's "
+                             "workers); default: one per --actors, else 1")
 
 
 def _quantize_parser(commands) -> None:
@@ -91,6 +94,13 @@ def _quantize_parser(commands) -> None:
     _add_preset_and_seed(parser)
     parser.add_argument("--optimizer", default="evolq", help="evolq (default), cmaes, random, gradient, ng:<name>, or none (PTQ only)")
     _add_search(parser)
+    parser.add_argument("--executor", default="local",
+                        help="where the search's candidates are scored: local (default, this process) or ray "
+                             "(--actors model replicas; numbers equal to a local search on one thread)")
+    parser.add_argument("--actors", type=int, default=1, help="Ray actors, one model replica and one CPU each (default 1)")
+    parser.add_argument("--address", help="Ray cluster to join, e.g. auto or ray://host:10001 (default: start a local one)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0,
+                        help="GPUs each actor reserves and runs its replica on (default 0; 0.5 shares one GPU)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--config", help="re-run the configuration recorded in a result.json; "
                                          "options given here replace the recorded ones")
@@ -110,7 +120,8 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
 
 def _search_settings(args: argparse.Namespace) -> dict:
     return dict(passes=args.passes, evaluations_per_block=args.evaluations_per_block, eval_size=args.eval_size,
-                search_space=args.search_space, coordinates=args.coordinates, select_by=args.select_by)
+                search_space=args.search_space, coordinates=args.coordinates, select_by=args.select_by,
+                candidates_per_step=args.candidates_per_step)
 
 
 def given_options(argv: Sequence[str]) -> set[str]:
@@ -137,7 +148,9 @@ def _quantize(args: argparse.Namespace) -> int:
         typed = given_options(args.argv) & {f.name for f in fields(RunConfig)}
         config = replace(RunConfig.from_result(args.config), **{name: getattr(args, name) for name in typed})
     else:
-        config = _config(args, preset=args.preset, seed=args.seed, optimizer=args.optimizer, **_search_settings(args))
+        config = _config(args, preset=args.preset, seed=args.seed, optimizer=args.optimizer, executor=args.executor,
+                         actors=args.actors, address=args.address, gpus_per_actor=args.gpus_per_actor,
+                         **_search_settings(args))
     out = args.out or f"runs/{config.model}-{config.quant_config().name}-{config.optimizer}-seed{config.seed}"
     result = run_quantize(config, out=out, resume=args.resume)
     _print_table(result)

@@ -57,7 +57,7 @@ class QuantizedSearch:
             qmodel, prepared.calib_images, prepared.selection, optimizer=optimizer, passes=config.passes,
             evaluations_per_block=config.evaluations_per_block, order=config.order, loss=config.loss, seed=seed,
             optimizer_options=options, progress=False, space=config.search_space, coordinates=config.coordinates,
-            select_by=config.select_by,
+            select_by=config.select_by, candidates_per_step=config.candidates(),
         )
         final_top1 = prepared.top1(progress=False)
         history = found.history.rename(columns={"pass": "pass_index"})

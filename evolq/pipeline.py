@@ -25,13 +25,15 @@ from evolq.models import create_model
 from evolq.objective import fp_logits, model_loss
 from evolq.qmodel import QuantizedModel
 from evolq.quant.config import QuantConfig
-from evolq.search import check_search_settings, search
+from evolq.search import check_search_settings, parallel_options, search
+from evolq.visits import check_executor
 
 DEMO_PRESET = "w3a4"
 LEGACY_PLACEMENT = "inputs"  # what runs recorded before the setting existed were quantized with
 PACKAGES = ("evolq", "torch", "timm", "numpy", "nevergrad", "cma")
 # Settings that do not change a run's numbers, so --resume accepts a change of them.
-NOT_IN_FINGERPRINT = ("device", "threads", "progress", "reuse_freed_memory")
+NOT_IN_FINGERPRINT = ("device", "threads", "progress", "reuse_freed_memory", "executor", "actors", "address",
+                      "gpus_per_actor")
 
 
 @dataclass
@@ -62,6 +64,15 @@ class RunConfig:
     search_space: str = "paper"
     coordinates: str | None = None  # None: the space's default (evolq.search.default_coordinates)
     select_by: str = "top1"
+    candidates_per_step: int | None = None  # None: as many as actors
+    executor: str = "local"  # or "ray": the search's candidates scored on model replicas (evolq.visits)
+    actors: int = 1
+    address: str | None = None
+    gpus_per_actor: float = 0
+
+    def candidates(self) -> int:
+        """Candidates the optimizer proposes together: as set, else one per actor."""
+        return self.actors if self.candidates_per_step is None else self.candidates_per_step
 
     def quant_config(self) -> QuantConfig:
         base = QuantConfig.preset(self.preset)
@@ -78,6 +89,9 @@ class RunConfig:
         check_search_settings(self.passes, self.evaluations_per_block, self.order,
                               None if self.optimizer == "none" else self.optimizer, space=self.search_space,
                               coordinates=self.coordinates, select_by=self.select_by)
+        check_executor(self.executor, self.actors, self.gpus_per_actor)
+        if self.optimizer != "none":
+            parallel_options(self.optimizer, {}, self.candidates())
         if self.eval_size is not None and (isinstance(self.eval_size, bool) or not isinstance(self.eval_size, int)
                                            or self.eval_size < 1):
             raise UsageError(f"eval size {self.eval_size!r} is not allowed; allowed: an integer >= 1 "
@@ -101,7 +115,9 @@ class RunConfig:
                        data=self.data if self.data == "fmnist" else absolute(self.data))
 
     def fingerprint(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in NOT_IN_FINGERPRINT}
+        """The settings that decide a run's numbers: what ``--resume`` must find unchanged."""
+        settings = {k: v for k, v in asdict(self).items() if k not in NOT_IN_FINGERPRINT}
+        return dict(settings, candidates_per_step=self.candidates())
 
 
 def versions() -> dict[str, str]:
@@ -201,7 +217,8 @@ def run_quantize(config: RunConfig, out: str | Path | None = None, resume: bool 
                 evaluations_per_block=config.evaluations_per_block, order=config.order, loss=config.loss,
                 seed=config.seed, checkpoint_dir=out, resume=resume, fingerprint=config.fingerprint(),
                 progress=progress, space=config.search_space, coordinates=config.coordinates,
-                select_by=config.select_by,
+                select_by=config.select_by, candidates_per_step=config.candidates(), executor=config.executor,
+                actors=config.actors, address=config.address, gpus_per_actor=config.gpus_per_actor,
             )
         except KeyboardInterrupt:
             if out is not None:

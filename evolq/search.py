@@ -9,12 +9,13 @@ as it is (``coordinates="scales"``, the paper's) or in ratios to the visit's sta
 weight and activation scales). After each pass the model is scored on the held-out selection
 split; the best pass (the PTQ start counts as pass 0) by top-1 (ties: loss) or by loss
 (``select_by``) is what the search returns. The evaluation split is never looked at.
+The visits run on the model in this process or, with ``executor="ray"``, on model replicas held
+by Ray actors that score an optimizer's candidates in parallel (:mod:`evolq.visits`).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +32,15 @@ from evolq.checkpoint import SearchCheckpoint
 from evolq.errors import UsageError
 from evolq.evaluate import batch_outputs, percent_correct
 from evolq.losses import get_loss
-from evolq.objective import DEFAULT_BATCH, BlockObjective, fp_logits, model_loss
+from evolq.objective import fp_logits, model_loss
 from evolq.qmodel import QuantizedModel
+from evolq.visits import check_executor, open_visits
 
 ORDERS = ("reverse", "forward")
 COORDINATES = ("scales", "ratios")
 SELECT_BY = ("top1", "loss")
 RATIO_EPS = 0.02  # the mutation size in ratios: 2 % of each scale (chosen; docs/benchmarks.md, "Search spaces")
-PASS_CACHE_BYTES = 2**30  # most memory spent on every block's inputs at once (else each visit computes its own)
+PARALLEL_OPTIONS = ("children_per_step", "num_workers")  # evolq's and nevergrad's "candidates asked at once"
 HISTORY_COLUMNS = ["pass", "block", "optimizer", "evaluation", "value", "best", "seconds"]
 
 
@@ -54,6 +56,22 @@ def default_coordinates(space: str) -> str:
     """What the optimizer sees by default: the paper's scales as they are; ratios where activation scales
     (about 10-100x the weight scales) or MLP weight scales (about 10x smaller than qkv's) join them."""
     return "scales" if space == "paper" else "ratios"
+
+
+def parallel_options(optimizer: str, options: dict, candidates: int) -> dict:
+    """``options`` with the optimizer's own setting for proposing ``candidates`` at once, unless given:
+    ``children_per_step`` (``evolq``) or ``num_workers`` (``ng:*``). CMA-ES proposes its whole
+    population anyway; one-at-a-time optimizers (``gradient``) take nothing."""
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise UsageError(f"candidates per step {candidates!r} is not allowed; allowed: an integer >= 1")
+    if candidates == 1:
+        return options
+    try:
+        accepted = inspect.signature(type(optimizers.make(optimizer)).__init__).parameters
+    except optimizers.InputError as error:
+        raise UsageError(str(error)) from None
+    name = next((key for key in PARALLEL_OPTIONS if key in accepted), None)
+    return options if name is None or name in options else {**options, name: candidates}
 
 
 def visit_seed(seed: int, pass_index: int, block: int) -> int:
@@ -103,23 +121,6 @@ def check_search_settings(passes: int, evaluations_per_block: int, order: str, o
             raise UsageError(str(error)) from None
 
 
-@torch.no_grad()
-def pass_inputs(qmodel: QuantizedModel, images: torch.Tensor, batch_size: int = DEFAULT_BATCH,
-                limit_bytes: int = PASS_CACHE_BYTES) -> list[list[torch.Tensor]] | None:
-    """Every block's calibration inputs (per block, per batch) from one forward, or None past ``limit_bytes``.
-
-    A reverse pass changes only blocks above the one it visits, so inputs taken at the start
-    of the pass stay exact for all its visits: one forward instead of one prefix per visit.
-    """
-    image_batches = images.split(batch_size)
-    first = qmodel.block_inputs(image_batches[0])
-    per_image = sum(h[0].numel() * h.element_size() for h in first)
-    if per_image * len(images) > limit_bytes:
-        return None
-    by_batch = [first] + [qmodel.block_inputs(batch) for batch in image_batches[1:]]
-    return [list(block) for block in zip(*by_batch)]
-
-
 @torch.inference_mode()
 def selection_score(qmodel: QuantizedModel, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
                     loss: Callable, batch_size: int = 100) -> tuple[float, float]:
@@ -154,12 +155,21 @@ def search(
     space: str = "paper",
     coordinates: str | None = None,
     select_by: str = "top1",
+    candidates_per_step: int = 1,
+    executor: str = "local",
+    actors: int = 1,
+    address: str | None = None,
+    gpus_per_actor: float = 0,
 ) -> SearchResult:
     """Search every block's vector in ``space`` of a calibrated ``qmodel``; leaves it at the best pass's scales.
 
-    ``coordinates`` None means :func:`default_coordinates` of the space.
+    ``coordinates`` None means :func:`default_coordinates` of the space. ``candidates_per_step``
+    is how many candidates the optimizer proposes together (:func:`parallel_options`);
+    ``executor="ray"`` scores them on ``actors`` model replicas (:mod:`evolq.visits`), with
+    the numbers of the local search on one thread.
     """
-    options = dict(optimizer_options or {})
+    check_executor(executor, actors, gpus_per_actor)
+    options = parallel_options(optimizer, dict(optimizer_options or {}), candidates_per_step)
     check_search_settings(passes, evaluations_per_block, order, optimizer, options, space, coordinates, select_by)
     coordinates = coordinates or default_coordinates(space)
     loss_fn = get_loss(loss)
@@ -178,24 +188,19 @@ def search(
         best = dict(pass_index=0, selection_top1=top, selection_loss=sel_loss, scales=qmodel.scales(space))
     started = time.time() - (history[-1]["seconds"] if history else 0.0)
     known_loss = None  # the whole model's loss as it stands, once a visit has computed it
-    inputs = None  # every block's inputs, taken at the start of a reverse pass (or of a resumed one)
     # The bar is closed on the way out, also on Ctrl-C, so messages after it start their own line.
-    with tqdm(total=len(visits), initial=done, desc=f"search ({optimizer})", disable=not progress) as bar:
+    with (open_visits(qmodel, calib_images, targets, loss, space, order, executor, actors, address, gpus_per_actor)
+          as block_visits,
+          tqdm(total=len(visits), initial=done, desc=f"search ({optimizer})", disable=not progress) as bar):
         for visit, (pass_index, block) in enumerate(visits[done:], start=done):
-            if order == "reverse" and (inputs is None or block == blocks[-1]):
-                inputs = pass_inputs(qmodel, calib_images)
-            objective = BlockObjective(qmodel, block, calib_images, loss_fn, targets=targets, x0_value=known_loss,
-                                       inputs=None if inputs is None else inputs[block], invalid_value=math.inf,
-                                       space=space)
+            objective = block_visits.start(block, known_loss)
             # in ratios the optimizer moves x / x_start; in scales x itself (times ones: the same bits)
             unit = objective.x0 if coordinates == "ratios" else np.ones(objective.dim)
             searched = optimizers.Rescaled(objective, unit)
             chosen = make_optimizer(optimizer, objective.block.weight_bits, options, coordinates)
             result = chosen.minimize(searched, searched.x0, budget=evaluations_per_block,
                                      seed=visit_seed(seed, pass_index, block))
-            best_x = searched.to_x(result.x)
-            objective.block.set_scales(best_x)
-            known_loss = objective.value_at(best_x)
+            known_loss = block_visits.keep(searched.to_x(result.x))
             offset = len(history)
             for row in result.history.itertuples():
                 history.append(dict(zip(HISTORY_COLUMNS, (pass_index, block, optimizer, offset + row.evaluation,

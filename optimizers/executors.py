@@ -80,7 +80,7 @@ def import_ray() -> Any:
     return ray
 
 
-def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
+def ensure_ray(address: str | None, num_cpus: int | None) -> bool:
     """Connect to ``address``, reuse a running Ray, or start a local one; True if started here."""
     ray = import_ray()
     if ray.is_initialized():
@@ -108,7 +108,7 @@ class RayExecutor:
     def map_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
         """Submit every item as a task and yield results as they arrive; shuts down a Ray it started."""
         ray = import_ray()
-        started = _ensure_ray(self.address, self.workers)
+        started = ensure_ray(self.address, self.workers)
         pending: dict = {}
         try:
             gpus = self.num_gpus
@@ -178,7 +178,7 @@ class RayBatchEvaluator:
         if actors < 1:
             raise InputError(f"actors must be at least 1, got {actors}")
         self._ray = import_ray()
-        self._started = _ensure_ray(address, None)
+        self._started = ensure_ray(address, None)
         actor_class = self._ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_ObjectiveActor)
         self._actors = [actor_class.remote(factory) for _ in range(actors)]
         self.x0 = self._ray.get(self._actors[0].x0.remote())

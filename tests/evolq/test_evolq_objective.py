@@ -161,7 +161,7 @@ def test_objective_on_an_uncalibrated_model_says_calibrate_first(fp_model, image
 
 
 def test_pass_inputs_are_every_blocks_prefix_and_respect_the_memory_limit(qmodel, images):
-    from evolq.search import pass_inputs
+    from evolq.visits import pass_inputs
 
     inputs = pass_inputs(qmodel, images, batch_size=BATCH)
     assert len(inputs) == DEPTH and all(len(block) == N_IMAGES // BATCH for block in inputs)

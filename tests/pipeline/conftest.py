@@ -3,6 +3,7 @@
 import pytest
 
 import evolq
+from evolq.checkpoint import SearchCheckpoint
 from evolq.data import load_fmnist
 
 CALIB, SELECTION = 200, 200
@@ -24,3 +25,21 @@ def qmodel_w4a8(fmnist_train):
 def data(fmnist_train):
     images, labels = fmnist_train
     return images[:CALIB], (images[CALIB : CALIB + SELECTION], labels[CALIB : CALIB + SELECTION])
+
+
+@pytest.fixture()
+def interrupt_after(monkeypatch):
+    """``interrupt_after(n)``: a search's ``n``-th checkpoint save is written, then raises KeyboardInterrupt
+    (``monkeypatch.undo()`` restores plain saves)."""
+    def arm(saves: int) -> None:
+        original, count = SearchCheckpoint.save, {"n": 0}
+
+        def save_then_stop(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            count["n"] += 1
+            if count["n"] == saves:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(SearchCheckpoint, "save", save_then_stop)
+
+    return arm

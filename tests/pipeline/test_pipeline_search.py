@@ -31,20 +31,9 @@ def test_every_visit_costs_one_plus_three_evaluations_by_default(qmodel_w4a8, da
     assert (found.history.groupby("block").size() == 4).all()
 
 
-def _interrupt_after(monkeypatch, saves: int):
-    original, count = SearchCheckpoint.save, {"n": 0}
-
-    def save_then_stop(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        count["n"] += 1
-        if count["n"] == saves:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(SearchCheckpoint, "save", save_then_stop)
-
-
 @pytest.mark.parametrize("space", ["paper", "all"])
-def test_resume_after_interruption_equals_uninterrupted_run(fmnist_train, data, tmp_path, monkeypatch, space):
+def test_resume_after_interruption_equals_uninterrupted_run(fmnist_train, data, tmp_path, monkeypatch, space,
+                                                           interrupt_after):
     calib, selection = data
     images, _ = fmnist_train
 
@@ -55,7 +44,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(fmnist_train, data, 
     straight = fresh()
     expected = evolq.search(straight, calib, selection, **settings)
 
-    _interrupt_after(monkeypatch, saves=7)  # stop inside the second pass
+    interrupt_after(7)  # stop inside the second pass
     interrupted = fresh()
     with pytest.raises(KeyboardInterrupt):
         evolq.search(interrupted, calib, selection, checkpoint_dir=tmp_path, **settings)

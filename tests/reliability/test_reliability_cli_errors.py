@@ -55,6 +55,11 @@ def quantize(checkpoint, fmnist):
     (["--search-space", "activations"], 2, ["search space 'activations'", "paper, weights, all"]),
     (["--coordinates", "log"], 2, ["coordinates 'log'", "scales, ratios"]),
     (["--select-by", "top5"], 2, ["selection by 'top5'", "top1, loss"]),
+    (["--executor", "spark"], 2, ["executor 'spark'", "local, ray"]),
+    (["--actors", "2"], 2, ["actors 2", "executor 'ray'"]),
+    (["--executor", "ray", "--actors", "0"], 2, ["actors 0", ">= 1"]),
+    (["--executor", "ray", "--gpus-per-actor", "-1"], 2, ["GPUs per actor -1", ">= 0"]),
+    (["--candidates-per-step", "0"], 2, ["candidates per step 0", ">= 1"]),
 ])
 def test_quantize_rejects_bad_values_before_any_work(quantize, tmp_path, extra, rc, needles):
     quantize(tmp_path / "out", *extra).check_error(rc, *needles)
