@@ -27,6 +27,7 @@ __version__ = "0.1.0"  # the one place of the version: pyproject.toml reads this
 
 __all__ = [
     "Block", "BlockObjective", "LOSSES", "PRESETS", "QuantConfig", "QuantizedModel", "RunConfig", "RunError",
-    "SEARCH_SPACES", "SearchResult", "Segment", "UsageError", "create_model", "export_onnx", "fp_logits", "get_loss", "load_data", "load_default",
-    "load_fmnist", "load_quantized", "model_loss", "reuse_freed_memory", "run_quantize", "search",
+    "SEARCH_SPACES", "SearchResult", "Segment", "UsageError", "create_model", "export_onnx", "fp_logits", "get_loss",
+    "load_data", "load_default", "load_fmnist", "load_quantized", "model_loss", "reuse_freed_memory", "run_quantize",
+    "search",
 ]

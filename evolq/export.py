@@ -125,6 +125,9 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example: torch.Tensor)
             raise RunError(f"torch's ONNX exporter cannot export model {type(qmodel.model).__name__} "
                            f"({_first_line(error)}); allowed: timm vit_*/deit_* models") from None
         onnx.checker.check_model(str(tmp), full_check=True)
+        if not onnx.load(str(tmp)).graph.input[0].type.tensor_type.shape.dim[0].dim_param:
+            raise RunError(f"torch's ONNX exporter fixed the batch size of model {type(qmodel.model).__name__}; "
+                           "allowed: models whose forward keeps the batch size symbolic (timm vit_*/deit_*)")
     return path
 
 
