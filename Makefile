@@ -13,7 +13,7 @@ setup: $(VENV)/.installed data
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,distributed]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,distributed,export]'
 	touch $@
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist, unless EVOLQ_FMNIST_DIR points elsewhere.

@@ -13,6 +13,7 @@ from evolq.allocator import reuse_freed_memory
 from evolq.blocks import SEARCH_SPACES, Block, Segment
 from evolq.data import load_data, load_fmnist
 from evolq.errors import RunError, UsageError
+from evolq.export import export_onnx
 from evolq.losses import LOSSES, get_loss
 from evolq.models import create_model
 from evolq.objective import BlockObjective, fp_logits, model_loss
@@ -26,6 +27,7 @@ __version__ = "0.1.0"  # the one place of the version: pyproject.toml reads this
 
 __all__ = [
     "Block", "BlockObjective", "LOSSES", "PRESETS", "QuantConfig", "QuantizedModel", "RunConfig", "RunError",
-    "SEARCH_SPACES", "SearchResult", "Segment", "UsageError", "create_model", "fp_logits", "get_loss", "load_data", "load_default",
-    "load_fmnist", "load_quantized", "model_loss", "reuse_freed_memory", "run_quantize", "search",
+    "SEARCH_SPACES", "SearchResult", "Segment", "UsageError", "create_model", "export_onnx", "fp_logits", "get_loss",
+    "load_data", "load_default", "load_fmnist", "load_quantized", "model_loss", "reuse_freed_memory", "run_quantize",
+    "search",
 ]

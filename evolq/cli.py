@@ -1,4 +1,4 @@
-"""The ``evolq`` command: ``quantize``, ``landscape``, ``compare``, ``train-default``.
+"""The ``evolq`` command: ``quantize``, ``landscape``, ``compare``, ``train-default``, ``export``.
 
 Exit codes: 0 done, 2 usage error (``UsageError``, ``optimizers.InputError``, argparse's own),
 1 runtime failure or internal error, 130 / 143 interrupted (SIGINT / SIGTERM). Errors are one
@@ -271,7 +271,37 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable] = [_quantize_parser, _landscape_parser, _compare_parser, _train_parser]
+def _export_parser(commands) -> None:
+    parser = commands.add_parser("export", help="write a finished run's quantized model as ONNX with QDQ nodes")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="folder of a finished evolq quantize run")
+    parser.add_argument("--out", help="the ONNX file to write (default RUN_DIR/model.onnx)")
+    parser.add_argument("--check", action="store_true",
+                        help="run the file in ONNX Runtime (CPU) on the run's evaluation images and compare it with "
+                             "evolq: top-1 of both, agreement, largest logit difference (needs evolq[export])")
+    parser.add_argument("--eval-size", type=int, help="--check on the first N evaluation images only (default: the run's)")
+    parser.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from evolq.export import export_run
+
+    summary = export_run(args.run_dir, args.out, check=args.check, eval_size=args.eval_size)
+    print(f"wrote {summary['path']}: {summary['quantize_linear']} QuantizeLinear, "
+          f"{summary['dequantize_linear']} DequantizeLinear nodes")
+    if args.check:
+        print(f"{'searched top-1 (result.json)':<34}{summary['searched_top1']:8.2f}")
+        for name, title in (("onnxruntime", "ONNX Runtime"), ("without_qdq_fusions", "ONNX Runtime, no QDQ fusions")):
+            numbers = summary[name]
+            if name == "onnxruntime":
+                print(f"{'evolq top-1':<34}{numbers['evolq_top1']:8.2f}   on {numbers['images']} images")
+            step = numbers["logit_step"]
+            in_steps = f" ({numbers['max_logit_difference'] / step:.0f} logit steps)" if step else ""
+            print(f"{title + ' top-1':<34}{numbers['onnxruntime_top1']:8.2f}   agreement {numbers['agreement']:.2f} %, "
+                  f"largest logit difference {numbers['max_logit_difference']:.4g}{in_steps}")
+    return 0
+
+
+SUBCOMMANDS: list[Callable] = [_quantize_parser, _landscape_parser, _compare_parser, _train_parser, _export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

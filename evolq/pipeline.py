@@ -159,6 +159,17 @@ class Prepared:
         return top1(self.qmodel, self.evaluation, progress=progress, desc=desc, device=self.device)
 
 
+def first(dataset: torch.utils.data.Dataset, count: int | None) -> torch.utils.data.Dataset:
+    """The first ``count`` items of ``dataset`` (all of it for None)."""
+    return dataset if count is None else Subset(dataset, range(min(count, len(dataset))))
+
+
+def evaluation_set(config: RunConfig, model: torch.nn.Module, eval_size: int | None = None) -> torch.utils.data.Dataset:
+    """The evaluation images of the run ``config`` (its first ``eval_size``, or the run's own count, if set)."""
+    splits = load_data(config.data, model, config.calib_size, config.selection_size, config.seed, config.data_dir)
+    return first(splits.evaluation, config.eval_size if eval_size is None else eval_size)
+
+
 def prepare(config: RunConfig, progress: bool = True) -> Prepared:
     """Model, data splits and a calibrated :class:`QuantizedModel` for ``config``."""
     device = _device(config.device)
@@ -170,9 +181,7 @@ def prepare(config: RunConfig, progress: bool = True) -> Prepared:
     torch.manual_seed(config.seed)
     model = create_model(config.model, config.checkpoint, config.pretrained)
     splits = load_data(config.data, model, config.calib_size, config.selection_size, config.seed, config.data_dir)
-    evaluation = splits.evaluation
-    if config.eval_size is not None:
-        evaluation = Subset(evaluation, range(min(config.eval_size, len(evaluation))))
+    evaluation = first(splits.evaluation, config.eval_size)
     calib_images, labels = stack(splits.calib)
     # An empty selection split (landscape loss slices need none) keeps the images' shape.
     chosen = stack(splits.selection) if len(splits.selection) else (calib_images[:0], labels[:0])

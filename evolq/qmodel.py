@@ -89,7 +89,7 @@ class QuantizedModel(nn.Module):
         for layer in self.weight_layers():
             layer.weight_quant.mode = "off"
         for batch in tqdm(images.split(batch_size), desc="calibrate", disable=not progress, leave=False):
-            self._head(self._blocks(self._embed(batch), 0, chunked=False))  # observers see whole batches
+            self.whole_batch_forward(batch)  # observers see whole batches
         for quantizer in self.quantizers():
             if quantizer.mode == "observe":
                 quantizer.finish_calibration()
@@ -111,6 +111,11 @@ class QuantizedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.suffix(self._embed(x), 0)
+
+    def whole_batch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` on the whole batch at once, not in chunks: what observers see, and what an exported graph
+        computes for any batch size."""
+        return self._head(self._blocks(self._embed(x), 0, chunked=False))
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream entering the first block (with the quantized position embedding of "full")."""

@@ -170,8 +170,11 @@ def disabled() -> Iterator[None]:
 
 
 def accepts(x: torch.Tensor) -> bool:
-    """True where the kernels may take ``x``: a contiguous float32 CPU tensor, the kernels on and built."""
+    """True where the kernels may take ``x``: a contiguous float32 CPU tensor, the kernels on and built, and
+    no graph being traced (ONNX export): a call through ctypes is no operation a graph can hold."""
     if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return False
+    if torch.onnx.is_in_onnx_export():
         return False
     return _library() is not None
 

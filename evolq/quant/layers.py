@@ -21,16 +21,24 @@ from torch import nn
 
 from evolq.quant import kernels
 from evolq.quant.grid import Grid
+from evolq.quant.onnx import frexp_shifts
 from evolq.quant.quantizer import UniformQuantizer
 
 
 def correct_weight_bias(quantized: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Match each output channel's mean and std of the quantized weight to the FP weight."""
+    q_mean, ratio, w_mean = bias_correction(quantized, weight)
+    return (quantized - q_mean) * ratio + w_mean
+
+
+def bias_correction(quantized: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The terms of :func:`correct_weight_bias` per output channel: the quantized weight's mean, the ratio
+    of the standard deviations (FP over quantized) and the FP weight's mean."""
     dims = tuple(range(1, weight.dim()))
     q_mean, q_std = quantized.mean(dims, keepdim=True), quantized.std(dims, keepdim=True)
     w_mean, w_std = weight.mean(dims, keepdim=True), weight.std(dims, keepdim=True)
     ratio = torch.where(q_std > 0, w_std / q_std.clamp_min(1e-12), torch.ones_like(q_std))
-    return (quantized - q_mean) * ratio + w_mean
+    return q_mean, ratio, w_mean
 
 
 class QuantWeightLayer(nn.Module):
@@ -47,6 +55,7 @@ class QuantWeightLayer(nn.Module):
         self.bias_correction = bias_correction
         self._cached_weight: torch.Tensor | None = None
         self.scale_override: torch.Tensor | None = None  # a differentiable scale, for gradient methods
+        self.stored_weight: nn.Module | None = None  # the weight as ONNX export writes it (evolq.export)
 
     @property
     def quantizing(self) -> bool:
@@ -86,6 +95,8 @@ class QuantWeightLayer(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         if not self.quantizing:
             return self.weight
+        if self.stored_weight is not None and torch.onnx.is_in_onnx_export():
+            return self.stored_weight()
         return self.quantized_weight(self.scale_override)
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -270,8 +281,12 @@ def integer_layer_norm(x: torch.Tensor, input_quant: UniformQuantizer, output_qu
     std = (unit / channels) * torch.sqrt(channels * squares - total.pow(2)).to(x.dtype)
     std = std.clamp_min(torch.finfo(x.dtype).tiny)
     multiplier = unit / std * gain_step  # per row and channel: output levels per input level
-    _, exponent = torch.frexp(multiplier.detach().abs())  # |multiplier| = mantissa * 2^exponent, mantissa in [0.5, 1)
-    shifts = (MULTIPLIER_BITS - exponent).clamp(0, 31)  # N: 2^(bits-1) <= M < 2^bits where it fits
+    size = multiplier.detach().abs()
+    if torch.onnx.is_in_onnx_export():
+        shifts = frexp_shifts(size, MULTIPLIER_BITS, 31)
+    else:
+        _, exponent = torch.frexp(size)  # |multiplier| = mantissa * 2^exponent, mantissa in [0.5, 1)
+        shifts = (MULTIPLIER_BITS - exponent).clamp(0, 31)  # N: 2^(bits-1) <= M < 2^bits where it fits
     power, inverse = torch.exp2(shifts.to(x.dtype)), torch.exp2(-shifts.to(x.dtype))
     integer_multiplier = (_floor(multiplier.abs() * power)).clamp(0, 2**MULTIPLIER_BITS - 1) * multiplier.sign()
     offset = _round((shift_step - mean / std * gain_step) * power)

@@ -8,6 +8,7 @@ from torch import nn
 from evolq.quant.bits import BitType
 from evolq.quant.grid import Grid
 from evolq.quant.observers import Observer, fake_quantize
+from evolq.quant.onnx import quantize_dequantize
 
 
 class UniformQuantizer(nn.Module):
@@ -77,6 +78,8 @@ class UniformQuantizer(nn.Module):
             self.observer.update(x)
             return x
         if self.mode == "quant" and self.calibrated:
+            if torch.onnx.is_in_onnx_export():
+                return quantize_dequantize(x, self.scale, self.zero_point, self.bit_type, self.channel_axis)
             return self.quantize(x)
         return x
 

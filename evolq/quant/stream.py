@@ -63,7 +63,7 @@ class QPositionEmbedding(nn.Module):
                              "allowed: placement 'inputs' for this model")
 
     def forward(self, vit: nn.Module, patches: torch.Tensor) -> torch.Tensor:
-        prefix = [token.expand(len(patches), -1, -1) for token in prefix_tokens(vit)]
+        prefix = [token.expand(patches.shape[0], -1, -1) for token in prefix_tokens(vit)]
         tokens = self.tokens_quant(torch.cat([*prefix, patches], dim=1) if prefix else patches)
         return vit.pos_drop(tokens + self.position_quant(vit.pos_embed))
 
