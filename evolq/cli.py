@@ -79,9 +79,9 @@ def _add_search(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinates", default=None,
                         help="what the optimizer moves: scales (as they are) or ratios (each scale over its value at the "
                              "visit's start); default scales for --search-space paper, ratios otherwise")
-    parser.add_argument("--select-by", default="top1",
-                        help="which pass the search returns: top1 (default: best selection top-1, ties by loss) or loss "
-                             "(lowest selection loss)")
+    parser.add_argument("--select-by", default=None,
+                        help="which pass the search returns: top1 (best selection top-1, ties by loss) or loss (lowest "
+                             "selection loss); default top1 for --search-space paper, loss otherwise")
     parser.add_argument("--eval-size", type=int, help="evaluate top-1 on the first N evaluation images only (default: all)")
     parser.add_argument("--candidates-per-step", type=int,
                         help="candidates the optimizer proposes together (evolq's children per step, nevergrad's "

@@ -25,7 +25,7 @@ from evolq.models import create_model
 from evolq.objective import fp_logits, model_loss
 from evolq.qmodel import QuantizedModel
 from evolq.quant.config import QuantConfig
-from evolq.search import check_search_settings, parallel_options, search
+from evolq.search import check_search_settings, default_select_by, parallel_options, search
 from evolq.visits import check_executor
 
 DEMO_PRESET = "w3a4"
@@ -63,7 +63,7 @@ class RunConfig:
     order: str = "reverse"
     search_space: str = "paper"
     coordinates: str | None = None  # None: the space's default (evolq.search.default_coordinates)
-    select_by: str = "top1"
+    select_by: str | None = None  # None: the space's default (evolq.search.default_select_by)
     candidates_per_step: int | None = None  # None: as many as actors
     executor: str = "local"  # or "ray": the search's candidates scored on model replicas (evolq.visits)
     actors: int = 1
@@ -117,7 +117,8 @@ class RunConfig:
     def fingerprint(self) -> dict:
         """The settings that decide a run's numbers: what ``--resume`` must find unchanged."""
         settings = {k: v for k, v in asdict(self).items() if k not in NOT_IN_FINGERPRINT}
-        return dict(settings, candidates_per_step=self.candidates())
+        return dict(settings, candidates_per_step=self.candidates(),
+                    select_by=self.select_by or default_select_by(self.search_space))
 
 
 def versions() -> dict[str, str]:

@@ -107,14 +107,17 @@ def test_a_run_recorded_before_placements_existed_loads_as_inputs(tmp_path):
     assert evolq.load_quantized(tmp_path).config.placement == "inputs"
 
 
-@pytest.mark.parametrize("select_by", ["top1", "loss"])
-def test_the_returned_pass_is_the_best_by_the_chosen_measure(qmodel_w4a8, data, select_by):
+@pytest.mark.parametrize("select_by, space, rule", [
+    ("top1", "weights", "top1"), ("loss", "weights", "loss"),
+    (None, "weights", "loss"), (None, "paper", "top1"),  # the defaults: the paper's rule in its own space only
+])
+def test_the_returned_pass_is_the_best_by_the_chosen_measure(qmodel_w4a8, data, select_by, space, rule):
     calib, selection = data
-    found = evolq.search(qmodel_w4a8, calib, selection, passes=3, seed=1, select_by=select_by, space="weights",
+    found = evolq.search(qmodel_w4a8, calib, selection, passes=3, seed=1, select_by=select_by, space=space,
                          progress=False)
     passes = found.passes
     assert [p["pass_index"] for p in passes] == [0, 1, 2, 3]
-    if select_by == "loss":
+    if rule == "loss":
         chosen = min(passes, key=lambda p: p["selection_loss"])
     else:  # the highest top-1, the lower loss among equals
         chosen = max(passes, key=lambda p: (p["selection_top1"], -p["selection_loss"]))
