@@ -43,7 +43,7 @@ def check_vector(x: object, dim: int, what: str = "scale vector") -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
     try:
-        vector = np.array(x, dtype=np.float64)  # a copy: also writable where x is not (arrays Ray passes)
+        vector = np.asarray(x, dtype=np.float64).copy()  # writable also where x is not (arrays Ray passes)
     except (TypeError, ValueError, RuntimeError):
         raise UsageError(f"{what} of type {type(x).__name__} is not numeric; allowed: {dim} positive finite numbers") from None
     if vector.shape != (dim,):

@@ -144,14 +144,6 @@ def test_a_cell_delivered_twice_is_kept_once(tmp_path):
     pd.testing.assert_frame_equal(load(tmp_path / "g.csv"), table, check_dtype=False)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_executor_gives_the_local_numbers(local_ray):
     grid = dict(problems={"jagged": JAGGED}, optimizers=["random", "evolq"], seeds=2, budget=BUDGET, progress=False)
     on_ray = compare(executor="ray", **grid)

@@ -8,16 +8,17 @@ from evolq.pipeline import RunConfig
 from evolq.search import parallel_options
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+@pytest.fixture()
+def one_thread():
+    """The local search on one thread, as each actor runs, whatever EVOLQ_TEST_THREADS says."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
-def test_ray_search_interrupted_and_resumed_equals_the_local_search(local_ray, fmnist_train, data, tmp_path,
-                                                                    monkeypatch, interrupt_after):
+def test_ray_search_interrupted_and_resumed_equals_the_local_search(local_ray, one_thread, fmnist_train, data,
+                                                                    tmp_path, monkeypatch, interrupt_after):
     calib, selection = data
     images, _ = fmnist_train
 
