@@ -29,6 +29,7 @@ VARIANTS: dict[str, tuple[dict, float | None]] = {
     "weights": ({"search_space": "weights"}, None),
     "all": ({"search_space": "all"}, None),
     "all-scales": ({"search_space": "all", "coordinates": "scales"}, None),
+    "all-scales-by-loss": ({"search_space": "all", "coordinates": "scales", "select_by": "loss"}, None),
     "all-eps0.01": ({"search_space": "all"}, 0.01),
     "all-eps0.05": ({"search_space": "all"}, 0.05),
     "cmaes-all": ({"search_space": "all", "optimizer": "cmaes"}, None),
