@@ -137,13 +137,23 @@ class RayVisits:
     def __init__(self, qmodel: QuantizedModel, images: torch.Tensor, targets: torch.Tensor, loss: Any,
                  space: str, order: str, actors: int = 2, address: str | None = None, num_gpus: float = 0) -> None:
         ray = import_ray()
-        self.qmodel, self.space = qmodel, space
+        self.qmodel, self.space, self._actors = qmodel, space, []
         self._started = ensure_ray(address, actors)
+        self._check_resources(ray, actors, num_gpus)
         on_cpu = qmodel if images.device.type == "cpu" else copy.deepcopy(qmodel).cpu()
         state = ray.put((on_cpu, images.cpu(), targets.cpu(), loss, space, order))
         actor_class = ray.remote(num_cpus=1, num_gpus=num_gpus)(_Replica)
         self._actors = [actor_class.remote(state) for _ in range(actors)]
         self._objective: _RemoteObjective | None = None
+
+    def _check_resources(self, ray: Any, actors: int, num_gpus: float) -> None:
+        """A clear error rather than actors that wait forever for CPUs or GPUs the cluster does not have."""
+        have = ray.cluster_resources()
+        for name, need in (("CPU", actors), ("GPU", actors * num_gpus)):
+            if need > have.get(name, 0):
+                self.close()
+                raise UsageError(f"{actors} actors need {need:g} {name}s; the Ray cluster has {have.get(name, 0):g}; "
+                                 "allowed: fewer --actors or --gpus-per-actor, or a larger cluster")
 
     def start(self, block: int, known_loss: float | None) -> _RemoteObjective:
         for actor in self._actors:

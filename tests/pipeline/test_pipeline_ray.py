@@ -6,6 +6,7 @@ import torch
 import evolq
 from evolq.pipeline import RunConfig
 from evolq.search import parallel_options
+from evolq.visits import open_visits
 
 
 @pytest.fixture()
@@ -71,3 +72,15 @@ def test_candidates_default_to_one_per_actor_and_decide_the_fingerprint():
     # where the candidates are scored does not change the numbers, so --resume may move a run
     assert on_ray.fingerprint() == RunConfig(candidates_per_step=4).fingerprint()
     assert RunConfig(executor="ray", actors=4, candidates_per_step=1).candidates() == 1
+
+
+@pytest.mark.parametrize("actors, gpus, needles", [
+    (3, 0, ["3 actors need 3 CPUs", "has 2"]),
+    (1, 1, ["1 actors need 1 GPUs", "has 0"]),
+])
+def test_actors_the_cluster_cannot_hold_are_one_line_not_a_wait(local_ray, qmodel_w4a8, data, actors, gpus, needles):
+    calib, _ = data
+    with pytest.raises(evolq.UsageError) as error:
+        open_visits(qmodel_w4a8, calib, calib[:0], "infonce", "paper", "reverse", "ray", actors, None, gpus)
+    assert all(needle in str(error.value) for needle in needles)
+    assert local_ray.is_initialized()  # a Ray the caller started stays up
