@@ -168,23 +168,34 @@ def compare_with_onnxruntime(path: str | Path, qmodel: QuantizedModel, data: Lab
     Returns the number of images, each side's top-1 (%), how often their predictions agree (%),
     the largest logit difference and the logits' quantization step (None if they are not quantized).
     """
-    session = _session(path, qdq_fusions)
-    correct, agree, total, largest = torch.zeros(2), 0, 0, 0.0
+    return _compare(path, qmodel, data, (qdq_fusions,), batch_size, progress)[0]
 
-    def both(images: torch.Tensor) -> torch.Tensor:
-        theirs = session.run([OUTPUT], {INPUT: images.cpu().float().numpy()})[0]
-        return torch.stack([qmodel(images).cpu(), torch.from_numpy(theirs)])
+
+def _compare(path: str | Path, qmodel: QuantizedModel, data: Labelled, fusions: tuple[bool, ...],
+             batch_size: int = 500, progress: bool = False) -> list[dict]:
+    """:func:`compare_with_onnxruntime` for one ONNX Runtime session per entry of ``fusions``, all against
+    one forward of ``qmodel`` per batch."""
+    sessions = [_session(path, qdq_fusions) for qdq_fusions in fusions]
+    correct, agree = torch.zeros(1 + len(sessions)), torch.zeros(len(sessions))
+    largest, total = torch.zeros(len(sessions)), 0
+
+    def outputs(images: torch.Tensor) -> torch.Tensor:
+        inputs = {INPUT: images.cpu().float().numpy()}
+        theirs = [torch.from_numpy(session.run([OUTPUT], inputs)[0]) for session in sessions]
+        return torch.stack([qmodel(images).cpu(), *theirs])
 
     with torch.inference_mode():
-        for logits, labels in batch_outputs(both, data, batch_size, progress=progress, desc="ONNX Runtime"):
+        for logits, labels in batch_outputs(outputs, data, batch_size, progress=progress, desc="ONNX Runtime"):
             predicted = logits.argmax(-1)
             correct += (predicted == labels).sum(-1)
-            agree += int((predicted[0] == predicted[1]).sum())
+            agree += (predicted[1:] == predicted[0]).sum(-1)
+            largest = torch.maximum(largest, (logits[1:] - logits[0]).abs().flatten(1).max(-1).values)
             total += len(labels)
-            largest = max(largest, float((logits[0] - logits[1]).abs().max()))
-    evolq_top1, onnx_top1 = (100.0 * correct / max(total, 1)).tolist()
-    return dict(images=total, evolq_top1=evolq_top1, onnxruntime_top1=onnx_top1,
-                agreement=100.0 * agree / max(total, 1), max_logit_difference=largest, logit_step=logit_step(qmodel))
+    evolq_top1, *onnx_top1 = (100.0 * correct / max(total, 1)).tolist()
+    return [dict(images=total, evolq_top1=evolq_top1, onnxruntime_top1=theirs,
+                 agreement=100.0 * float(agreed) / max(total, 1), max_logit_difference=float(most),
+                 logit_step=logit_step(qmodel))
+            for theirs, agreed, most in zip(onnx_top1, agree, largest)]
 
 
 def logit_step(qmodel: QuantizedModel) -> float | None:
@@ -206,7 +217,8 @@ def export_run(folder: str | Path, out: str | Path | None = None, check: bool = 
     result_file = folder / "result.json"
     if not folder.is_dir():
         raise UsageError(f"run folder {str(folder)!r} does not exist; allowed: a folder written by evolq quantize")
-    if not result_file.is_file() or read_json(result_file).get("complete") is not True:
+    recorded = read_json(result_file) if result_file.is_file() else {}
+    if recorded.get("complete") is not True:
         raise UsageError(f"run folder {str(folder)!r} holds no finished run (its result.json is missing or not "
                          "complete); allowed: a folder of a finished evolq quantize run")
     if eval_size is not None and (isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size < 1):
@@ -222,10 +234,9 @@ def export_run(folder: str | Path, out: str | Path | None = None, check: bool = 
         config = RunConfig.from_result(result_file)
         fp_model = create_model(config.model, config.checkpoint, config.pretrained)  # its data config
         data = evaluation_set(config, fp_model, eval_size)
-        summary.update(searched_top1=read_json(result_file).get("final_top1"),
-                       onnxruntime=compare_with_onnxruntime(path, qmodel, data, progress=progress),
-                       without_qdq_fusions=compare_with_onnxruntime(path, qmodel, data, qdq_fusions=False,
-                                                                    progress=progress))
+        with_fusions, without_fusions = _compare(path, qmodel, data, (True, False), progress=progress)
+        summary.update(searched_top1=recorded.get("final_top1"), onnxruntime=with_fusions,
+                       without_qdq_fusions=without_fusions)
     return summary
 
 

@@ -19,7 +19,7 @@ import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -67,7 +67,7 @@ def parallel_options(optimizer: str, options: dict, candidates: int) -> dict:
     if candidates == 1:
         return options
     try:
-        accepted = inspect.signature(type(optimizers.make(optimizer)).__init__).parameters
+        accepted = accepted_options(optimizer)
     except optimizers.InputError as error:
         raise UsageError(str(error)) from None
     name = next((key for key in PARALLEL_OPTIONS if key in accepted), None)
@@ -87,12 +87,16 @@ def visit_seed(seed: int, pass_index: int, block: int) -> int:
     return int(np.random.SeedSequence([seed, pass_index, block]).generate_state(1)[0])
 
 
+def accepted_options(name: str) -> Mapping[str, inspect.Parameter]:
+    """The options optimizer ``name`` takes: its constructor's parameters (``optimizers.make`` checks the name)."""
+    return inspect.signature(type(optimizers.make(name)).__init__).parameters
+
+
 def make_optimizer(name: str, weight_bits: int, options: dict, coordinates: str = "scales") -> optimizers.Optimizer:
     """The optimizer for one visit; ``eps`` defaults to :func:`default_eps` where accepted."""
-    optimizer = optimizers.make(name, **options)
-    if "eps" not in options and "eps" in inspect.signature(type(optimizer).__init__).parameters:
-        optimizer = optimizers.make(name, eps=default_eps(weight_bits, coordinates), **options)
-    return optimizer
+    if "eps" not in options and "eps" in accepted_options(name):
+        options = {**options, "eps": default_eps(weight_bits, coordinates)}
+    return optimizers.make(name, **options)
 
 
 @dataclass
@@ -172,10 +176,9 @@ def search(
     """Search every block's vector in ``space`` of a calibrated ``qmodel``; leaves it at the best pass's scales.
 
     ``coordinates`` and ``select_by`` None mean :func:`default_coordinates` and :func:`default_select_by`
-    of the space. ``candidates_per_step``
-    is how many candidates the optimizer proposes together (:func:`parallel_options`);
-    ``executor="ray"`` scores them on ``actors`` model replicas (:mod:`evolq.visits`), with
-    the numbers of the local search on one thread.
+    of the space. ``candidates_per_step`` is how many candidates the optimizer proposes together
+    (:func:`parallel_options`); ``executor="ray"`` scores them on ``actors`` model replicas
+    (:mod:`evolq.visits`), with the numbers of the local search on one thread.
     """
     check_executor(executor, actors, gpus_per_actor)
     options = parallel_options(optimizer, dict(optimizer_options or {}), candidates_per_step)

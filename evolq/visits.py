@@ -30,9 +30,8 @@ from evolq.errors import UsageError
 from evolq.losses import get_loss
 from evolq.objective import DEFAULT_BATCH, BlockObjective
 from evolq.qmodel import QuantizedModel
-from optimizers.executors import ensure_ray, import_ray
+from optimizers.executors import EXECUTORS, batch_on_actors, ensure_ray, import_ray
 
-EXECUTORS = ("local", "ray")
 PASS_CACHE_BYTES = 4 * 2**30  # most memory for every block's inputs at once, else each visit computes its own
 # (DeiT-Tiny, 1,000 images of 224 pixels: 1.8 GB, cached; ViT-Base: 7.3 GB, per visit)
 
@@ -107,15 +106,13 @@ class _RemoteObjective:
     model, values from the actors (rows split in order), and the values known so far."""
 
     def __init__(self, actors: list, block: Any, known_loss: float | None) -> None:
-        self._actors, self._ray = actors, import_ray()
+        self._actors = actors
         self.block, self.x0, self.dim, self.layout = block, block.scales(), block.dim, block.layout
         self._known = {} if known_loss is None else {self.x0.tobytes(): float(known_loss)}
 
     def batch(self, candidates: np.ndarray) -> np.ndarray:
         candidates = np.atleast_2d(np.asarray(candidates, dtype=np.float64))
-        chunks = [chunk for chunk in np.array_split(candidates, len(self._actors)) if len(chunk)]
-        values = np.concatenate(self._ray.get([actor.batch.remote(chunk)
-                                               for actor, chunk in zip(self._actors, chunks)]))
+        values = batch_on_actors(self._actors, candidates)
         self._known.update((x.tobytes(), float(v)) for x, v in zip(candidates, values))
         return values
 
@@ -198,8 +195,8 @@ def check_executor(executor: str, actors: int, gpus_per_actor: float = 0) -> Non
 def open_visits(qmodel: QuantizedModel, images: torch.Tensor, targets: torch.Tensor, loss: Any, space: str,
                 order: str, executor: str = "local", actors: int = 1, address: str | None = None,
                 gpus_per_actor: float = 0) -> LocalVisits | RayVisits:
-    """The visits of one search, in this process or on Ray; a context manager either way."""
-    check_executor(executor, actors, gpus_per_actor)
+    """The visits of one search, in this process or on Ray; a context manager either way. The settings are
+    checked by the caller (:func:`check_executor`): ``search`` does so before any work."""
     if executor == "local":
         return LocalVisits(qmodel, images, targets, loss, space, order)
     return RayVisits(qmodel, images, targets, loss, space, order, actors, address, gpus_per_actor)

@@ -155,6 +155,13 @@ class _ObjectiveActor:
         return np.array([float(self.objective(x)) for x in X])
 
 
+def batch_on_actors(actors: list, X: Any) -> np.ndarray:
+    """The values of the rows of ``X``, split in order into one contiguous chunk per actor, each scored by
+    that actor's ``batch`` method in parallel, and returned in the order of ``X``."""
+    chunks = [chunk for chunk in np.array_split(np.asarray(X, dtype=float), len(actors)) if len(chunk)]
+    return np.concatenate(import_ray().get([actor.batch.remote(chunk) for actor, chunk in zip(actors, chunks)]))
+
+
 class RayBatchEvaluator:
     """An objective whose evaluations run on a pool of Ray actors, one objective replica each.
 
@@ -189,10 +196,7 @@ class RayBatchEvaluator:
 
     def batch(self, X: np.ndarray) -> np.ndarray:
         """Values at the rows of ``X``, computed in parallel across the actors."""
-        X = np.asarray(X, dtype=float)
-        chunks = [chunk for chunk in np.array_split(X, len(self._actors)) if len(chunk)]
-        refs = [actor.batch.remote(chunk) for actor, chunk in zip(self._actors, chunks)]
-        return np.concatenate(self._ray.get(refs))
+        return batch_on_actors(self._actors, X)
 
     def close(self) -> None:
         """Kill the actors, and shut down Ray if this evaluator started it."""
