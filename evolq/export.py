@@ -46,8 +46,7 @@ from torch import nn
 from evolq.errors import RunError, UsageError
 from evolq.evaluate import Labelled, batch_outputs
 from evolq.files import atomic_path, read_json
-from evolq.models import create_model
-from evolq.pipeline import RunConfig, evaluation_set, load_quantized
+from evolq.pipeline import RunConfig, evaluation_set, load_quantized, run_model
 from evolq.qmodel import QuantizedModel
 from evolq.quant.grid import Grid
 from evolq.quant.layers import QLinear, QuantWeightLayer, bias_correction
@@ -232,8 +231,7 @@ def export_run(folder: str | Path, out: str | Path | None = None, check: bool = 
                    dequantize_linear=counts.get("DequantizeLinear", 0))
     if check:
         config = RunConfig.from_result(result_file)
-        fp_model = create_model(config.model, config.checkpoint, config.pretrained)  # its data config
-        data = evaluation_set(config, fp_model, eval_size)
+        data = evaluation_set(config, run_model(config), eval_size)  # the FP model gives the data config
         with_fusions, without_fusions = _compare(path, qmodel, data, (True, False), progress=progress)
         summary.update(searched_top1=recorded.get("final_top1"), onnxruntime=with_fusions,
                        without_qdq_fusions=without_fusions)

@@ -171,6 +171,13 @@ def evaluation_set(config: RunConfig, model: torch.nn.Module, eval_size: int | N
     return first(splits.evaluation, config.eval_size if eval_size is None else eval_size)
 
 
+def run_model(config: RunConfig) -> torch.nn.Module:
+    """The run's full-precision model. Random weights (a timm name without checkpoint or ``pretrained``)
+    are drawn from the run's seed, so a run rebuilt later (:func:`load_quantized`) has the same ones."""
+    torch.manual_seed(config.seed)
+    return create_model(config.model, config.checkpoint, config.pretrained)
+
+
 def prepare(config: RunConfig, progress: bool = True) -> Prepared:
     """Model, data splits and a calibrated :class:`QuantizedModel` for ``config``."""
     device = _device(config.device)
@@ -179,8 +186,7 @@ def prepare(config: RunConfig, progress: bool = True) -> Prepared:
         reuse_freed_memory()
     if config.threads:
         torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    model = create_model(config.model, config.checkpoint, config.pretrained)
+    model = run_model(config)
     splits = load_data(config.data, model, config.calib_size, config.selection_size, config.seed, config.data_dir)
     evaluation = first(splits.evaluation, config.eval_size)
     calib_images, labels = stack(splits.calib)
@@ -258,6 +264,5 @@ def load_quantized(folder: str | Path) -> QuantizedModel:
     folder = Path(folder)
     result = read_json(folder / "result.json")
     config = RunConfig.from_result(folder / "result.json")
-    model = create_model(config.model, config.checkpoint, config.pretrained)
-    qmodel = QuantizedModel(model, QuantConfig(**{"placement": LEGACY_PLACEMENT, **result["quant_config"]}))
+    qmodel = QuantizedModel(run_model(config), QuantConfig(**{"placement": LEGACY_PLACEMENT, **result["quant_config"]}))
     return qmodel.load_quant_state(load_tensors(folder / "scales.safetensors"))

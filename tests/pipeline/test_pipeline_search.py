@@ -9,6 +9,7 @@ import torch
 import evolq
 from evolq.checkpoint import SearchCheckpoint
 from evolq.objective import fp_logits, model_loss
+from evolq.pipeline import prepare
 
 
 def test_search_lowers_the_calibration_loss(qmodel_w4a8, data):
@@ -85,6 +86,18 @@ def test_quantize_writes_a_run_that_load_quantized_rebuilds(tmp_path):
     with torch.inference_mode():
         correct = (rebuilt(images[:300]).argmax(-1) == labels[:300]).sum().item()
     assert 100.0 * correct / 300 == pytest.approx(result["final_top1"], abs=1e-9)
+
+
+def test_load_quantized_rebuilds_a_random_weight_timm_run_with_its_weights(tmp_path):
+    config = evolq.RunConfig(model="vit_tiny_patch16_224", optimizer="none", calib_size=20, selection_size=1,
+                             eval_size=10, seed=4, threads=1)
+    evolq.run_quantize(config, out=tmp_path, progress=False)
+    torch.manual_seed(123)  # whatever the generator holds now: the weights come from the run's seed
+    rebuilt = evolq.load_quantized(tmp_path)
+    prepared = prepare(config, progress=False)  # the run's model, calibrated as the run did
+    images = prepared.calib_images[:4]
+    with torch.inference_mode():
+        assert torch.equal(rebuilt(images), prepared.qmodel(images))
 
 
 @pytest.mark.parametrize("optimizer", ["cmaes", "random", "ng:OnePlusOne", "gradient"])
