@@ -20,6 +20,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* EVOLQ_ONLY_* (kernels.py, EVOLQ_KERNELS=...) builds one clone alone, for the tests above. */
@@ -435,4 +436,117 @@ void evolq_integer_layer_norm(const float *x, float *out, int64_t rows, int64_t 
     for (int part = 0; part < threads; ++part)
         integer_norm_rows(x, out, rows * part / threads, rows * (part + 1) / threads, cols, scale, factor, unit,
                           gain_step, shift_step, step);
+}
+
+/* Squared fake-quantization errors summed per candidate grid: how OMSE and PTF score their candidate
+ * scales. x: rows x cols, contiguous. params: `candidates` grids one after another, each inverse, low,
+ * high, scale as evolq_quantize takes them: one value each (per_column = 0: the sums run over all
+ * values), or cols values each (per_column = 1: one sum per column). Each term (fq(v) - v)^2 is
+ * float32, torch's elementwise numbers; the sums are double, in an order of their own that no
+ * thread count or clone changes: blocks of about ERROR_BLOCK values (whole rows where per_column),
+ * each summed in a fixed order, then the blocks' sums one after another. With tail_low and
+ * tail_high (one value, or cols values where per_column) only the values outside
+ * [tail_low, tail_high] count, and counts gets how many per column (one number where not
+ * per_column). sums: candidates (x cols where per_column) values. Returns 0, or -1 where the
+ * blocks' sums found no memory. */
+#define ERROR_BLOCK 16384
+
+static inline double squared_error(float v, float inverse, float low, float high, float scale) {
+    const float d = clamp(rintf(v * inverse), low, high) * scale - v;
+    return (double)(d * d);
+}
+
+CLONES static void tensor_errors(const float *v, int64_t n, const float *params, int64_t candidates,
+                                 const float *tail, double *sums, int64_t *count, float *buffer) {
+    if (tail) { /* the tail values, in order; then the same sums over them */
+        int64_t m = 0;
+        for (int64_t i = 0; i < n; ++i)
+            if (v[i] < tail[0] || v[i] > tail[1]) buffer[m++] = v[i];
+        v = buffer;
+        n = m;
+        *count = m;
+    }
+    for (int64_t c = 0; c < candidates; ++c) {
+        const float *p = params + 4 * c;
+        const float inverse = p[0], low = p[1], high = p[2], scale = p[3];
+        double lane[LANES] = {0.0};
+        int64_t j = 0;
+        for (; j + LANES <= n; j += LANES) {
+            #pragma omp simd
+            for (int k = 0; k < LANES; ++k) lane[k] += squared_error(v[j + k], inverse, low, high, scale);
+        }
+        for (int k = 0; j + k < n; ++k) lane[k] += squared_error(v[j + k], inverse, low, high, scale);
+        for (int width = LANES / 2; width >= 1; width /= 2)
+            for (int k = 0; k < width; ++k) lane[k] = lane[k] + lane[k + width];
+        sums[c] = lane[0];
+    }
+}
+
+CLONES static void column_errors(const float *x, int64_t begin, int64_t end, int64_t cols, const float *params,
+                                 int64_t candidates, const float *tail_low, const float *tail_high, double *sums,
+                                 int64_t *counts) {
+    memset(sums, 0, sizeof(double) * candidates * cols);
+    if (tail_low) memset(counts, 0, sizeof(int64_t) * cols);
+    for (int64_t r = begin; r < end; ++r) {
+        const float *row = x + r * cols;
+        for (int64_t c = 0; c < candidates; ++c) {
+            const float *inverse = params + 4 * cols * c, *low = inverse + cols, *high = low + cols, *scale = high + cols;
+            double *sum = sums + c * cols;
+            if (!tail_low) {
+                for (int64_t j = 0; j < cols; ++j) sum[j] += squared_error(row[j], inverse[j], low[j], high[j], scale[j]);
+            } else {
+                for (int64_t j = 0; j < cols; ++j)
+                    if (row[j] < tail_low[j] || row[j] > tail_high[j])
+                        sum[j] += squared_error(row[j], inverse[j], low[j], high[j], scale[j]);
+            }
+        }
+        if (tail_low)
+            for (int64_t j = 0; j < cols; ++j) counts[j] += row[j] < tail_low[j] || row[j] > tail_high[j];
+    }
+}
+
+int evolq_squared_errors(const float *x, int64_t rows, int64_t cols, const float *params, int64_t candidates,
+                         int per_column, const float *tail_low, const float *tail_high, double *sums, int64_t *counts,
+                         int threads) {
+    const int64_t n = rows * cols, width = per_column ? cols : 1;
+    const int64_t block = per_column ? (ERROR_BLOCK / cols > 0 ? ERROR_BLOCK / cols : 1) : ERROR_BLOCK;
+    const int64_t blocks = ((per_column ? rows : n) + block - 1) / block;
+    double *partial = malloc(sizeof(double) * (blocks > 0 ? blocks : 1) * candidates * width);
+    int64_t *partial_counts = malloc(sizeof(int64_t) * (blocks > 0 ? blocks : 1) * width);
+    float *buffers = tail_low && !per_column ? malloc(sizeof(float) * ERROR_BLOCK * (threads > 0 ? threads : 1)) : 0;
+    if (!partial || !partial_counts || (tail_low && !per_column && !buffers)) {
+        free(partial);
+        free(partial_counts);
+        free(buffers);
+        return -1;
+    }
+    if (n < MIN_PARALLEL) threads = 1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int part = 0; part < threads; ++part) {
+        for (int64_t b = blocks * part / threads; b < blocks * (part + 1) / threads; ++b) {
+            double *into = partial + b * candidates * width;
+            int64_t *counted = partial_counts + b * width;
+            if (per_column) {
+                const int64_t end = (b + 1) * block < rows ? (b + 1) * block : rows;
+                column_errors(x, b * block, end, cols, params, candidates, tail_low, tail_high, into, counted);
+            } else {
+                const int64_t end = (b + 1) * block < n ? (b + 1) * block : n;
+                float tail[2] = {tail_low ? *tail_low : 0.0f, tail_high ? *tail_high : 0.0f};
+                tensor_errors(x + b * block, end - b * block, params, candidates, tail_low ? tail : 0, into, counted,
+                              buffers ? buffers + (int64_t)part * ERROR_BLOCK : 0);
+            }
+        }
+    }
+    for (int64_t i = 0; i < candidates * width; ++i) sums[i] = 0.0;
+    if (tail_low)
+        for (int64_t j = 0; j < width; ++j) counts[j] = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t i = 0; i < candidates * width; ++i) sums[i] += partial[b * candidates * width + i];
+        if (tail_low)
+            for (int64_t j = 0; j < width; ++j) counts[j] += partial_counts[b * width + j];
+    }
+    free(partial);
+    free(partial_counts);
+    free(buffers);
+    return 0;
 }

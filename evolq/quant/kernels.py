@@ -8,6 +8,11 @@ Bit for bit torch's numbers (tested):
   heads the layout of the batched GEMMs (torch: an add, the rounding, three copies);
 - :func:`integer_layer_norm`: FQ-ViT's integer LayerNorm (torch: about twenty passes, float64 sums).
 
+Torch's terms, summed in an order of its own (float64 sums, the same on every machine):
+
+- :func:`squared_errors`: the squared fake-quantization error of every value on each of several
+  candidate grids, summed (OMSE's and PTF's scoring; torch: four passes and a float32 mean per grid).
+
 Torch's numbers within float rounding (another erf or exp, another order of sums; a value that
 close to a rounding boundary may land on the neighbouring level, tested):
 
@@ -69,9 +74,12 @@ _SIGNATURES = {  # the C functions of kernels.c and their arguments
     "evolq_bias_gelu_levels": [_P, _P, _N, _N, _P, _INT],
     "evolq_ptf_layer_norm": [_P, _P, _N, _N, _P, _P, _P, ctypes.c_double, _INT],
     "evolq_integer_layer_norm": [_P, _P, _N, _N, _P, _P, ctypes.c_float, _P, _P, ctypes.c_float, _INT],
+    "evolq_squared_errors": [_P, _N, _N, _P, _N, _INT, _P, _P, _P, _P, _INT],
     "evolq_instruction_set": [],
     "evolq_has_fma": [],
 }
+
+_RETURNS_INT = ("evolq_squared_errors",)  # 0, or -1 where it found no memory
 
 
 def _setting(value: str) -> str | None:
@@ -120,7 +128,7 @@ def _library(build: str | None = None) -> ctypes.CDLL | None:
         for name, argtypes in _SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes = argtypes
-            function.restype = ctypes.c_int if not argtypes else None
+            function.restype = ctypes.c_int if not argtypes or name in _RETURNS_INT else None
         if library.evolq_instruction_set() < 0:
             raise OSError(f"this CPU cannot run the {build} build that EVOLQ_KERNELS asks for")
         library.fast_fma = bool(library.evolq_has_fma())
@@ -272,6 +280,35 @@ def integer_layer_norm(x: torch.Tensor, scale: torch.Tensor, factor: torch.Tenso
                                         factor.data_ptr(), unit, gain_step.data_ptr(), shift_step.data_ptr(), step,
                                         torch.get_num_threads())
     return out
+
+
+def squared_errors(x: torch.Tensor, params: torch.Tensor,
+                   tails: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sums of ``(fake_quantize(v) - v)^2`` over the values ``v`` of ``x`` on each candidate grid, in one pass over ``x``.
+
+    ``params``: ``(candidates, 4)``, one grid per candidate for the whole tensor (one sum each), or
+    ``(candidates, 4, columns)``, one per column of ``x``'s last axis (a sum per column). Each term
+    is torch's float32 number; the sums are float64, in a fixed order (blocks of values), so the
+    same in every build and with any number of threads. ``tails`` (low, high; one value, or one per
+    column): only the values below low or above high count, and their count comes back too
+    (one number, or one per column). Only where :func:`accepts` ``x``.
+    """
+    per_column = params.dim() == 3
+    columns = x.shape[-1] if per_column and x.dim() else 1
+    width = columns if per_column else 1
+    candidates = params.shape[0]
+    _check("squared_errors", _takes(x), _takes(params, candidates * 4 * width),
+           *(_takes(bound, width) for bound in (tails or ())))
+    sums = torch.empty((candidates, width) if per_column else (candidates,), dtype=torch.float64)
+    counts = torch.empty(width, dtype=torch.int64) if tails is not None else None
+    low, high = tails if tails is not None else (None, None)
+    failed = _library().evolq_squared_errors(
+        x.data_ptr(), x.numel() // columns, columns, params.data_ptr(), candidates, int(per_column),
+        None if low is None else low.data_ptr(), None if high is None else high.data_ptr(), sums.data_ptr(),
+        None if counts is None else counts.data_ptr(), torch.get_num_threads())
+    if failed:
+        raise MemoryError("evolq.quant.kernels.squared_errors: no memory for the sums of its blocks")
+    return sums, (counts if per_column or counts is None else counts.reshape(()))
 
 
 def softmax_levels_(scores: torch.Tensor, params: torch.Tensor) -> torch.Tensor:

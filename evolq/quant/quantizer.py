@@ -7,7 +7,7 @@ from torch import nn
 
 from evolq.quant.bits import BitType
 from evolq.quant.grid import Grid
-from evolq.quant.observers import Observer, fake_quantize
+from evolq.quant.observers import Observer, fake_quantize, tensor_version
 from evolq.quant.onnx import quantize_dequantize
 
 
@@ -53,7 +53,7 @@ class UniformQuantizer(nn.Module):
         New ones are made when ``scale`` or ``zero_point`` is replaced or changed in place.
         """
         scale, zero_point = self.scale, self.zero_point
-        versions = (_version(scale), _version(zero_point), dtype)
+        versions = (tensor_version(scale), tensor_version(zero_point), dtype)
         cached = self._grid
         if cached is None or cached[0] is not scale or cached[1] is not zero_point or cached[2] != versions:
             grid = Grid.of(scale, zero_point, self.bit_type, self.channel_axis, 1, dtype)
@@ -86,11 +86,6 @@ class UniformQuantizer(nn.Module):
     def extra_repr(self) -> str:
         axis = "tensor" if self.channel_axis is None else f"channel(axis={self.channel_axis})"
         return f"{self.bit_type}, {type(self.observer).__name__}, per {axis}, mode={self.mode}"
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    """How often ``tensor`` was changed in place (inference tensors keep no count: None)."""
-    return None if tensor.is_inference() else tensor._version
 
 
 class Log2Quantizer(nn.Module):

@@ -72,4 +72,12 @@ def outputs(kernels) -> dict[str, torch.Tensor]:
         shift_step = torch.randn(channels, generator=g) / step
         out[f"integer_layer_norm {rows}x{channels}"] = kernels.integer_layer_norm(
             x, (unit * factor).contiguous(), factor, unit, gain_step, shift_step, step)
+    for rows, cols in [(100_003, 1), (300, 192), (9, 5)]:
+        x = torch.randn(rows, cols, generator=g) * 3
+        tails = (torch.full((cols,), -2.5), torch.full((cols,), 4.0))
+        params = torch.stack([per_column(cols, g) for _ in range(3)]) if cols > 1 else torch.stack(
+            [grid(float(inverse), -128.0, 127.0) for inverse in (10.0, 20.0, 40.0)])
+        out[f"squared_errors {rows}x{cols}"] = kernels.squared_errors(x, params)[0]
+        sums, counts = kernels.squared_errors(x, params, tails)
+        out[f"squared_errors {rows}x{cols} tails"], out[f"squared_errors {rows}x{cols} counts"] = sums, counts
     return out

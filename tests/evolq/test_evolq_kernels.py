@@ -359,9 +359,47 @@ def test_what_a_kernel_cannot_take_is_refused_or_left_to_torch():
     with pytest.raises(TypeError, match="integer_layer_norm"):
         ones = torch.ones(16)
         kernels.integer_layer_norm(x.double(), ones, ones, 1.0, ones, ones, 1.0)
+    with pytest.raises(TypeError, match="squared_errors"):
+        kernels.squared_errors(x, torch.stack([per_column(8).packed] * 2))  # grids for 8 columns, 16 given
+    with pytest.raises(TypeError, match="squared_errors"):
+        kernels.squared_errors(x, torch.stack([per_tensor().packed] * 2), (torch.zeros(2), torch.ones(2)))
     grid = Grid(inverse=20.0, low=-4.0, high=251.0, scale=0.05)
     hidden, bias = torch.randn(8, 256).bfloat16(), torch.randn(256)
     expected = torch_levels(torch.nn.functional.gelu(hidden.clone().add_(bias)), grid)
     assert same(kernels.bias_gelu_levels_(hidden.clone(), bias, grid.packed), expected)
     scores = torch.randn(8, 50).bfloat16()
     assert same(kernels.softmax_levels_(scores.clone(), grid.packed), torch_levels(torch.softmax(scores, -1), grid))
+
+
+def torch_error_sums(x: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's squared fake-quantization errors of ``x`` (rows x columns), summed in float64 (per column where
+    the grid is)."""
+    terms = (torch_levels(x, grid) * grid.scale - x).pow(2).double()
+    terms = terms if keep is None else terms * keep
+    return terms.sum(dim=0) if isinstance(grid.scale, torch.Tensor) else terms.sum()
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(37, 1), (100_003, 1), (300, 192), (9, 5)])
+@pytest.mark.parametrize("with_tails", [False, True])
+def test_squared_errors_are_torchs_terms_summed_within_float64_rounding(shape, with_tails):
+    """Every term is torch's float32 number; the kernel sums them in float64 in its own order, so each sum is
+    within n * 2^-53 (relative: the terms are never negative) of torch's float64 sum of the same terms."""
+    x = awkward(shape)
+    x.view(-1)[6:8] = 1.0  # no inf or NaN here: their sums are inf and NaN in any order
+    columns = shape[1] > 1
+    grids = [per_column(shape[1]) if columns else per_tensor(),
+             per_column(shape[1]) if columns else Grid(inverse=0.25, low=0.0, high=15.0, scale=4.0)]
+    if columns:
+        grids[1] = Grid(grids[1].inverse * 3, grids[1].low, grids[1].high, grids[1].scale / 3)
+    params = torch.stack([grid.packed for grid in grids]).contiguous()
+    low, high = (torch.full((shape[1] if columns else 1,), bound) for bound in (-3.0, 5.0))
+    sums, counts = kernels.squared_errors(x, params, (low, high) if with_tails else None)
+    keep = (x < low) | (x > high) if with_tails else None
+    expected = torch.stack([torch_error_sums(x, grid, keep) for grid in grids])
+    assert sums.dtype == torch.float64 and sums.shape == expected.shape
+    assert bool(((sums - expected).abs() <= x.shape[0] * 2.0**-53 * expected).all())
+    if with_tails:
+        assert torch.equal(counts, keep.sum(dim=0) if columns else keep.sum())
+    else:
+        assert counts is None
