@@ -3,9 +3,10 @@
 Which scales form the vector is the search space:
 
 - ``"paper"`` (Evol-Q's): the per-output-channel weight scales of the attention's ``qkv`` and
-  ``proj`` linears (DeiT-Tiny: 576 + 192 = 768 values);
-- ``"weights"``: the per-output-channel weight scales of every linear of the block (qkv, proj,
-  fc1, fc2);
+  ``proj`` linears (DeiT-Tiny: 576 + 192 = 768 values); for a CNN block, of its convolutions
+  (:mod:`evolq.families` says which part of a block each family searches);
+- ``"weights"``: the per-output-channel weight scales of every linear or convolution of the
+  block (a ViT's qkv, proj, fc1, fc2);
 - ``"all"``: those and every activation quantizer's scale inside the block, whatever the
   placement: one value per per-tensor quantizer, and for a PTF quantizer (LayerNorm input) its
   unit scale, the channels keeping their power-of-two factors. Log2 quantizers have no scale.
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from evolq.errors import UsageError
-from evolq.quant.attention import QAttention
+from evolq.families import family_of
 from evolq.quant.layers import QuantWeightLayer
 from evolq.quant.observers import PTFObserver
 from evolq.quant.quantizer import UniformQuantizer
@@ -130,14 +131,16 @@ class _PowerOfTwoUnit(_Scales):
         super().write(piece.to(self.quantizer.scale) * self.factors)  # exact: times powers of two
 
 
-def _searched(module: nn.Module, space: str) -> list[_Scales]:
-    """The scales of ``module`` (one residual block) that ``space`` searches, in forward order."""
-    attn = module.attn
-    linears = [("attn.qkv", attn.qkv), ("attn.proj", attn.proj)]
-    if space != "paper":
-        mlp = getattr(module, "mlp", None)
-        linears += [(f"mlp.{name}", layer) for name, layer in (mlp.named_children() if mlp is not None else ())
-                    if isinstance(layer, QuantWeightLayer)]
+def _weight_layers(module: nn.Module) -> list[tuple[str, QuantWeightLayer]]:
+    return [(name, layer) for name, layer in module.named_modules() if isinstance(layer, QuantWeightLayer)]
+
+
+def _searched(module: nn.Module, part: nn.Module, space: str) -> list[_Scales]:
+    """The scales of ``module`` (one block) that ``space`` searches, in forward order; ``part`` is the module
+    whose weight layers form the paper's space (a transformer block's attention, a CNN block itself)."""
+    prefix = next(name for name, child in module.named_modules() if child is part)
+    linears = _weight_layers(module) if space != "paper" else [
+        (f"{prefix}.{name}" if prefix else name, layer) for name, layer in _weight_layers(part)]
     found: list[_Scales] = [_WeightScales(f"{name}.weight_quant", layer) for name, layer in linears]
     if space == "all":
         weight_quants = {id(layer.weight_quant) for _, layer in linears}
@@ -154,10 +157,12 @@ class Block:
     ``space`` chooses the scales (module docstring); ``layout`` says which coordinate is which.
     """
 
-    def __init__(self, index: int, name: str, module: nn.Module, space: str = "paper") -> None:
+    def __init__(self, index: int, name: str, module: nn.Module, space: str = "paper",
+                 part: nn.Module | None = None) -> None:
         self.index = index
         self.name = name
         self.module = module
+        self.part = module.attn if part is None else part  # whose weight layers the paper's space holds
         self.space = check_space(space)
         self._parts: list[_Scales] | None = None
         self._layout: list[Segment] = []
@@ -165,11 +170,10 @@ class Block:
     def _found(self) -> tuple[list[_Scales], list[Segment]]:
         """The searched parts and their layout, found on first use (PTF factors exist once calibrated)."""
         if self._parts is None:
-            attn = self.module.attn
-            if not (attn.qkv.weight_quant.calibrated and attn.proj.weight_quant.calibrated):
+            if not all(layer.weight_quant.calibrated for _, layer in _weight_layers(self.part)):
                 raise UsageError(f"block {self.index} has no scales yet; calibrate the model first "
                                  "(qmodel.calibrate(images))")
-            parts, start = _searched(self.module, self.space), 0
+            parts, start = _searched(self.module, self.part, self.space), 0
             for part in parts:
                 size = part.read().numel()
                 self._layout.append(Segment(part.name, part.kind, start, start + size))
@@ -201,7 +205,7 @@ class Block:
 
     @property
     def weight_bits(self) -> int:
-        return self.module.attn.qkv.weight_quant.bit_type.bits
+        return self.layers[0].weight_quant.bit_type.bits
 
     def scales(self) -> np.ndarray:
         """The block's vector (the parts concatenated in layout order), as float64."""
@@ -223,10 +227,9 @@ class Block:
 
 
 def discover_blocks(model: nn.Module, space: str = "paper") -> list[Block]:
-    """Every module with a quantized attention ``attn``, in forward order."""
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "attn", None), QAttention)
-    ]
-    return [Block(i, name, module, space) for i, (name, module) in enumerate(found)]
+    """Every searchable block of a quantized model, in forward order (:mod:`evolq.families`)."""
+    family = family_of(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    searched = [(unit, family.searched(unit)) for unit in family.units(model)]
+    blocks = [(unit, part) for unit, part in searched if part is not None]
+    return [Block(i, names[id(unit)], unit, space, part) for i, (unit, part) in enumerate(blocks)]

@@ -40,7 +40,8 @@ def _add_debug(parser: argparse.ArgumentParser, default: object = False) -> None
 
 def _add_common(parser: argparse.ArgumentParser, out: str) -> None:
     """Model, data and quantization options; ``out`` says where the outputs go by default."""
-    parser.add_argument("--model", default="default", help="'default' (default: the embedded Fashion-MNIST ViT) or a timm vit_*/deit_* name")
+    parser.add_argument("--model", default="default", help="'default' (default: the embedded Fashion-MNIST ViT) or a timm name: vit_*, deit_*, resnet*, "
+                             "mobilenetv2_*, efficientnet_*, swin_*, levit_* (docs/usage.md)")
     parser.add_argument("--checkpoint", help="weights for --model: a safetensors or weights-only torch file")
     parser.add_argument("--pretrained", action="store_true",
                         help="timm's pretrained weights for a timm --model (timm's cache, or a download)")
@@ -49,8 +50,9 @@ def _add_common(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--wbits", type=int, help="weight bits, 2..8 (overrides the preset)")
     parser.add_argument("--abits", type=int, help="activation bits, 2..8 (overrides the preset)")
     parser.add_argument("--placement", default="full",
-                        help="which tensors are quantized: full (default, FQ-ViT's fully quantized ViT as in the paper) "
-                             "or inputs (only the inputs of matmuls and LayerNorms)")
+                        help="which tensors are quantized: full (default, FQ-ViT's fully quantized ViT as in the paper; "
+                             "other families: also every block's output) or inputs (only the inputs of matmuls "
+                             "and LayerNorms)")
     parser.add_argument("--calib-size", type=int, default=1000, help="calibration images from train (default 1000)")
     parser.add_argument("--selection-size", type=int, default=1000,
                         help="held-out training images: quantize and compare pick the best pass on them, "
@@ -89,7 +91,7 @@ def _add_search(parser: argparse.ArgumentParser) -> None:
 
 
 def _quantize_parser(commands) -> None:
-    parser = commands.add_parser("quantize", help="PTQ-calibrate a ViT and search its quantization scales")
+    parser = commands.add_parser("quantize", help="PTQ-calibrate a model and search its quantization scales")
     _add_common(parser, out="runs/<model>-<preset>-<optimizer>-seed<seed>")
     _add_preset_and_seed(parser)
     parser.add_argument("--optimizer", default="evolq", help="evolq (default), cmaes, random, gradient, ng:<name>, or none (PTQ only)")
@@ -251,23 +253,32 @@ def _compare(args: argparse.Namespace) -> int:
 def _train_parser(commands) -> None:
     from evolq.zoo.train import DEFAULT_OUT, Recipe
 
-    parser = commands.add_parser("train-default", help="train the default model into a run folder (resumable)")
-    parser.add_argument("--epochs", type=int, default=Recipe.epochs, help=f"training epochs (default {Recipe.epochs})")
+    from evolq.zoo import ZOO
+
+    parser = commands.add_parser("train-default", help="train an embedded model into a run folder (resumable)")
+    parser.add_argument("--model", default="default", choices=list(ZOO),
+                        help="the embedded model to train: default (the ViT), default-cnn, default-swin or default-levit")
+    parser.add_argument("--epochs", type=int,
+                        help=f"training epochs (default: the model's, {Recipe.epochs} for the default ViT)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
-    parser.add_argument("--out", default=DEFAULT_OUT,
-                        help=f"run folder for the checkpoint, its model card and the resumable state (default {DEFAULT_OUT})")
+    parser.add_argument("--out", help="run folder for the checkpoint, its model card and the resumable state "
+                                      f"(default {DEFAULT_OUT} for the default ViT, runs/train-<model> for the others)")
     parser.add_argument("--data-dir", help="folder of the Fashion-MNIST *-ubyte.gz files (default: $EVOLQ_FMNIST_DIR or the Debian package's)")
     parser.set_defaults(handler=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
     from evolq.files import writable_folder
-    from evolq.zoo.train import Recipe, train_default
+    from evolq.zoo import ZOO
+    from evolq.zoo.train import DEFAULT_OUT, Recipe, train_default
 
-    writable_folder(args.out)
-    card = train_default(Recipe(seed=args.seed, epochs=args.epochs), out=args.out, data_dir=args.data_dir)
+    out = args.out or (DEFAULT_OUT if args.model == "default" else f"runs/train-{args.model}")
+    writable_folder(out)
+    epochs = ZOO[args.model].epochs if args.epochs is None else args.epochs
+    card = train_default(Recipe(seed=args.seed, epochs=epochs), out=out, data_dir=args.data_dir,
+                         model_name=args.model)
     print(f"test top-1 {card['test_top1']:.2f}%  sha256 {card['sha256']}")
-    print(f"wrote {card['checkpoint']}: use it with --model default --checkpoint {card['checkpoint']}")
+    print(f"wrote {card['checkpoint']}: use it with --model {args.model} --checkpoint {card['checkpoint']}")
     return 0
 
 

@@ -114,24 +114,23 @@ class AdaptedImages(Dataset):
 def model_input(model: torch.nn.Module) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...], str]:
     """The input ``model`` takes: (channels, height, width), per-channel mean and std, interpolation.
 
-    The shape is the patch embedding's (what the model accepts), mean, std and interpolation
-    timm's data config for the model (a gray model without a gray config: Fashion-MNIST's own
-    mean and std); a value that does not fit is one line naming it.
+    The size is the patch embedding's where the model has one (what a ViT or Swin accepts), else
+    timm's data config's (a CNN or LeViT); the channels are the first convolution's; mean, std and
+    interpolation timm's data config for the model (a gray model without a gray config:
+    Fashion-MNIST's own mean and std); a value that does not fit is one line naming it.
     """
     from timm.data import resolve_data_config
 
-    embed = getattr(model, "patch_embed", None)
-    size = getattr(embed, "img_size", None)
-    proj = getattr(embed, "proj", None)
-    if size is None or not hasattr(proj, "in_channels"):
-        raise UsageError(f"model {type(model).__name__!r} does not say its input size (no patch_embed.img_size); "
-                         "allowed with --data fmnist: a timm ViT whose patch embedding has a fixed input size, "
+    config = resolve_data_config({}, model=model)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or tuple(config["input_size"][1:])
+    channels = _input_channels(model)
+    if channels is None:
+        raise UsageError(f"model {type(model).__name__!r} has no convolution to read its input channels from; "
+                         "allowed with --data fmnist: a model whose first layer is a convolution, "
                          "or --data with an ImageNet-style folder")
-    channels = proj.in_channels
     if channels not in (1, 3):
         raise UsageError(f"model input of {channels} channels cannot be made from gray Fashion-MNIST; "
                          "allowed with --data fmnist: 1 or 3 channels, or --data with an ImageNet-style folder")
-    config = resolve_data_config({}, model=model)
     mean, std = tuple(config["mean"]), tuple(config["std"])
     if channels == 1 and len(mean) == 3:  # a gray model with timm's RGB default (no config of its own)
         mean, std = (FMNIST_MEAN,), (FMNIST_STD,)
@@ -141,6 +140,15 @@ def model_input(model: torch.nn.Module) -> tuple[tuple[int, int, int], tuple[flo
                              f"allowed: 1 or {channels} values")
     interpolation = config.get("interpolation", "bicubic")
     return (channels, *(int(n) for n in size)), mean, std, interpolation if interpolation in INTERPOLATIONS else "bicubic"
+
+
+def _input_channels(model: torch.nn.Module) -> int | None:
+    """The input channels of the model's first convolution (its stem or patch embedding), quantized or not."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 4:  # a convolution (plain or quantized)
+            return weight.shape[1] * getattr(module, "groups", 1)
+    return None
 
 
 def fmnist_for(model: torch.nn.Module, split: str, path: str | os.PathLike | None = None) -> Dataset:

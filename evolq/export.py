@@ -43,10 +43,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evolq.data import model_input
 from evolq.errors import RunError, UsageError
 from evolq.evaluate import Labelled, batch_outputs
 from evolq.files import atomic_path, read_json
-from evolq.pipeline import RunConfig, evaluation_set, load_quantized, run_model
+from evolq.pipeline import RunConfig, evaluation_set, load_quantized
 from evolq.qmodel import QuantizedModel
 from evolq.quant.grid import Grid
 from evolq.quant.layers import QLinear, QuantWeightLayer, bias_correction
@@ -122,11 +123,15 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example: torch.Tensor)
                               output_names=[OUTPUT], dynamic_shapes=({0: batch},), external_data=False, verbose=False)
         except Exception as error:  # noqa: BLE001 - the exporter's failures are deep; the user gets one line
             raise RunError(f"torch's ONNX exporter cannot export model {type(qmodel.model).__name__} "
-                           f"({_first_line(error)}); allowed: timm vit_*/deit_* models") from None
-        onnx.checker.check_model(str(tmp), full_check=True)
+                           f"({_first_line(error)}); allowed: the families whose export is tested (docs/export.md)") from None
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as error:
+            raise RunError(f"torch's ONNX exporter wrote an invalid graph for model {type(qmodel.model).__name__} "
+                           f"({_first_line(error)}); allowed: the families whose export is tested (docs/export.md)") from None
         if not onnx.load(str(tmp)).graph.input[0].type.tensor_type.shape.dim[0].dim_param:
             raise RunError(f"torch's ONNX exporter fixed the batch size of model {type(qmodel.model).__name__}; "
-                           "allowed: models whose forward keeps the batch size symbolic (timm vit_*/deit_*)")
+                           "allowed: models whose forward keeps the batch size symbolic (docs/export.md)")
     return path
 
 
@@ -147,7 +152,7 @@ def expected_qdq(qmodel: QuantizedModel) -> dict[str, int]:
              for quant in qmodel.quantizers() if isinstance(quant, UniformQuantizer)]
     try:
         with torch.inference_mode(), qmodel.dequantized():
-            qmodel.whole_batch_forward(torch.zeros(1, *_input_shape(qmodel)))
+            qmodel.whole_batch_forward(torch.zeros(1, *model_input(qmodel.model)[0]))
     finally:
         for hook in hooks:
             hook.remove()
@@ -199,7 +204,7 @@ def _compare(path: str | Path, qmodel: QuantizedModel, data: Labelled, fusions: 
 
 def logit_step(qmodel: QuantizedModel) -> float | None:
     """The step of the grid the logits are quantized on (the head's output quantizer), or None."""
-    head = getattr(qmodel.model, "head", None)
+    head = qmodel.model.get_classifier()  # a tuple for LeViT's two averaged heads: no one grid
     quant = head.output_quant if isinstance(head, QLinear) else None
     return float(quant.scale) if isinstance(quant, UniformQuantizer) and quant.calibrated else None
 
@@ -225,23 +230,19 @@ def export_run(folder: str | Path, out: str | Path | None = None, check: bool = 
     if check:
         _require("onnxruntime")
     qmodel = load_quantized(folder)
-    path = export_onnx(qmodel, folder / "model.onnx" if out is None else out, torch.zeros(1, *_input_shape(qmodel)))
+    path = export_onnx(qmodel, folder / "model.onnx" if out is None else out, torch.zeros(1, *model_input(qmodel.model)[0]))
     counts = count_nodes(path)
     summary = dict(path=str(path), quantize_linear=counts.get("QuantizeLinear", 0),
                    dequantize_linear=counts.get("DequantizeLinear", 0))
     if check:
         config = RunConfig.from_result(result_file)
-        data = evaluation_set(config, run_model(config), eval_size)  # the FP model gives the data config
+        data = evaluation_set(config, qmodel.model, eval_size)  # its timm config gives the data config
         with_fusions, without_fusions = _compare(path, qmodel, data, (True, False), progress=progress)
         summary.update(searched_top1=recorded.get("final_top1"), onnxruntime=with_fusions,
                        without_qdq_fusions=without_fusions)
     return summary
 
 
-def _input_shape(qmodel: QuantizedModel) -> tuple[int, ...]:
-    """One image's shape, ``(channels, height, width)``, from the model's patch embedding."""
-    embed = qmodel.model.patch_embed
-    return (embed.proj.weight.shape[1], *embed.img_size)
 
 
 def _session(path: str | Path, qdq_fusions: bool = True):

@@ -1,4 +1,4 @@
-"""``QuantizedModel``: a timm ViT with fake-quant modules, calibrated once, switchable FP <-> quantized."""
+"""``QuantizedModel``: a timm model with fake-quant modules, calibrated once, switchable FP <-> quantized."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from evolq.blocks import Block, discover_blocks
 from evolq.errors import UsageError
+from evolq.families import family_of
 from evolq.quant.config import QuantConfig
-from evolq.quant.convert import convert_vit
 from evolq.quant.layers import QuantWeightLayer
 from evolq.quant.quantizer import Log2Quantizer, UniformQuantizer
 
@@ -26,17 +26,22 @@ class QuantizedModel(nn.Module):
     ``calibrate(images)`` fixes all quantization parameters; afterwards ``quantized`` (the
     default) or ``fp()`` choose which model runs, and the blocks' scale vectors can be searched.
     The model is split at block boundaries: ``prefix(x, k)`` gives the residual stream entering
-    block ``k``, ``suffix(h, k)`` finishes the forward pass from there.
+    block ``k``, ``suffix(h, k)`` finishes the forward pass from there. Its ``family``
+    (:mod:`evolq.families`) says how: a ViT, a CNN, a Swin or a LeViT.
     """
 
     def __init__(self, model: nn.Module, config: QuantConfig | str = QuantConfig()) -> None:
         super().__init__()
         self.config = QuantConfig.preset(config) if isinstance(config, str) else config
-        self.model = convert_vit(copy.deepcopy(model).eval(), self.config)
+        self.family = family_of(model)
+        self.model = self.family.quantize(copy.deepcopy(model).eval(), self.config)
+        self.units: list[nn.Module] = self.family.units(self.model)
         self.blocks: list[Block] = discover_blocks(self.model)  # the paper's space
+        self._starts = [self.units.index(block.module) for block in self.blocks]  # each block's unit
         self._spaces: dict[str, list[Block]] = {}  # the others, found once calibrated
-        self.mlp_widths = [b.mlp.fc1.weight.shape[0] for b in self.model.blocks if hasattr(b.mlp, "fc1")]
-        self.head_counts = [b.module.attn.num_heads for b in self.blocks]
+        chunked = self.family.chunked
+        self.mlp_widths = [b.mlp.fc1.weight.shape[0] for b in self.units if chunked and hasattr(b.mlp, "fc1")]
+        self.head_counts = [b.module.attn.num_heads for b in self.blocks] if chunked else []
         self.calibrated = False
         self.requires_grad_(False)
 
@@ -118,20 +123,16 @@ class QuantizedModel(nn.Module):
         return self._head(self._blocks(self._embed(x), 0, chunked=False))
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual stream entering the first block (with the quantized position embedding of "full")."""
-        model = self.model
-        patches = model.patch_embed(x)
-        embedding = getattr(model, "quant_embedding", None)
-        tokens = model._pos_embed(patches) if embedding is None else embedding(model, patches)
-        return model.norm_pre(model.patch_drop(tokens))
+        """The stream entering the first unit (a ViT's residual stream, a CNN's stem output)."""
+        return self.family.embed(self.model, x)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits from the residual stream leaving the last block."""
-        return self.model.forward_head(self.model.norm(h))
+        """Logits from the stream leaving the last unit."""
+        return self.family.head(self.model, h)
 
     def _chunks(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``h`` split into the image chunks that the blocks run on (see ``CHUNK_ELEMENTS``)."""
-        if h.device.type != "cpu" or h.dim() != 3:
+        if h.device.type != "cpu" or h.dim() != 3 or not self.family.chunked:
             return (h,)
         tokens = h.shape[1]
         widest = max(max(self.mlp_widths, default=0), max(self.head_counts, default=0) * tokens, h.shape[2])
@@ -139,27 +140,34 @@ class QuantizedModel(nn.Module):
         return h.split(math.ceil(len(h) / count)) if count > 1 else (h,)
 
     def _blocks(self, h: torch.Tensor, start: int, stop: int | None = None, chunked: bool = True) -> torch.Tensor:
+        """``h`` through the units ``start:stop`` (unit positions, not block indices)."""
         chunks = []
         for chunk in self._chunks(h) if chunked else (h,):
-            for module in self.model.blocks[start:stop]:
+            for module in self.units[start:stop]:
                 chunk = module(chunk)
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     def prefix(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """The residual stream entering block ``block`` (0 = right after the embedding)."""
-        return self._blocks(self._embed(x), 0, block)
+        return self._blocks(self._embed(x), 0, self._unit_of(block))
+
+    def _unit_of(self, block: int) -> int:
+        """The unit position where block ``block`` starts; ``len(blocks)`` is the end of the last unit."""
+        return self._starts[block] if block < len(self._starts) else len(self.units)
 
     def block_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The residual stream entering every block, from one forward: entry ``k`` is ``prefix(x, k)``."""
-        inputs = [self._embed(x)]
-        for index in range(len(self.model.blocks) - 1):
-            inputs.append(self._blocks(inputs[-1], index, index + 1))
+        h, position, inputs = self._embed(x), 0, []
+        for start in self._starts:
+            if start > position:
+                h, position = self._blocks(h, position, start), start
+            inputs.append(h)
         return inputs
 
     def suffix(self, h: torch.Tensor, block: int) -> torch.Tensor:
         """Logits from the residual stream entering block ``block``."""
-        return self._head(self._blocks(h, block))
+        return self._head(self._blocks(h, self._unit_of(block)))
 
     def block(self, index: int, space: str = "paper") -> Block:
         """Block ``index`` with the vector of search space ``space``; negative indices count from the end."""

@@ -16,33 +16,24 @@ from evolq.quant.attention import QAttention
 from evolq.quant.bits import BitType
 from evolq.quant.config import QuantConfig
 from evolq.quant.layers import QConv2d, QLayerNorm, QLinear, QMlp
-from evolq.quant.observers import MinMaxObserver, make_observer
-from evolq.quant.quantizer import Log2Quantizer, UniformQuantizer
+from evolq.quant.generic import activation_quantizer, softmax_quantizer, weight_quantizer
+from evolq.quant.observers import make_observer
+from evolq.quant.quantizer import UniformQuantizer
 from evolq.quant.stream import QPositionEmbedding, QResidualBlock
-
-
-def _activation(config: QuantConfig) -> UniformQuantizer:
-    bit_type = BitType(config.abits)
-    return UniformQuantizer(bit_type, make_observer(config.act_observer, bit_type))
-
-
-def _weight(config: QuantConfig) -> UniformQuantizer:
-    bit_type = BitType(config.wbits)
-    return UniformQuantizer(bit_type, MinMaxObserver(bit_type, channel_axis=0), channel_axis=0)
 
 
 def _layer_norm(norm: nn.Module, config: QuantConfig) -> nn.Module:
     if not isinstance(norm, nn.LayerNorm):
         return norm
     if not config.ptf:
-        return QLayerNorm(norm, _activation(config))
+        return QLayerNorm(norm, activation_quantizer(config))
     bit_type = BitType(config.abits)
     return QLayerNorm(norm, UniformQuantizer(bit_type, make_observer("ptf", bit_type), channel_axis=-1))
 
 
 def _linear(linear: nn.Linear, config: QuantConfig, quantize_output: bool = False, owns_input: bool = False) -> QLinear:
-    output = _activation(config) if quantize_output else None
-    return QLinear(linear, _activation(config), _weight(config), output, config.bias_correction, owns_input=owns_input)
+    output = activation_quantizer(config) if quantize_output else None
+    return QLinear(linear, activation_quantizer(config), weight_quantizer(config), output, config.bias_correction, owns_input=owns_input)
 
 
 def _makes_new_tensors(module: nn.Module) -> bool:
@@ -50,19 +41,10 @@ def _makes_new_tensors(module: nn.Module) -> bool:
     return not isinstance(module, nn.Identity)
 
 
-def _softmax(config: QuantConfig) -> nn.Module:
-    """The softmax output's quantizer: log2, or uniform observed like the other activations ("full") or min-max."""
-    if config.softmax == "log2":
-        return Log2Quantizer(config.softmax_bits)
-    bit_type = BitType(config.softmax_bits)
-    observer = make_observer(config.act_observer, bit_type) if config.placement == "full" else MinMaxObserver(bit_type)
-    return UniformQuantizer(bit_type, observer)
-
-
 def _attention(attn: nn.Module, config: QuantConfig, owns_input: bool) -> QAttention:
     """"full": one quantizer on the qkv output, one on the scores, one on proj's output; "inputs": q, k, v each."""
     full = config.placement == "full"
-    parts = [nn.Identity() for _ in range(3)] if full else [_activation(config) for _ in range(3)]
+    parts = [nn.Identity() for _ in range(3)] if full else [activation_quantizer(config) for _ in range(3)]
     return QAttention(
         attn,
         qkv=_linear(attn.qkv, config, owns_input=owns_input),
@@ -70,9 +52,9 @@ def _attention(attn: nn.Module, config: QuantConfig, owns_input: bool) -> QAtten
         q_quant=parts[0],
         k_quant=parts[1],
         v_quant=parts[2],
-        softmax_quant=_softmax(config),
-        qkv_quant=_activation(config) if full else None,
-        score_quant=_activation(config) if full else None,
+        softmax_quant=softmax_quantizer(config),
+        qkv_quant=activation_quantizer(config) if full else None,
+        score_quant=activation_quantizer(config) if full else None,
     )
 
 
@@ -96,9 +78,9 @@ def convert_vit(model: nn.Module, config: QuantConfig) -> nn.Module:
     full = config.placement == "full"
     if full:
         QPositionEmbedding.check(model)
-        model.quant_embedding = QPositionEmbedding(_activation(config), _activation(config))
+        model.quant_embedding = QPositionEmbedding(activation_quantizer(config), activation_quantizer(config))
     embed = model.patch_embed.proj
-    model.patch_embed.proj = QConv2d(embed, _activation(config), _weight(config), _activation(config) if full else None,
+    model.patch_embed.proj = QConv2d(embed, activation_quantizer(config), weight_quantizer(config), activation_quantizer(config) if full else None,
                                      config.bias_correction)
     for index, block in enumerate(model.blocks):
         if not hasattr(block, "attn") or not hasattr(block.attn, "qkv") or not hasattr(block, "mlp"):

@@ -1,8 +1,9 @@
-"""``evolq train-default``: train the default model from a seed into a run folder, resumable after every epoch.
+"""``evolq train-default``: train an embedded model from a seed into a run folder, resumable after every epoch.
 
+``--model`` names the embedded model (``default``, ``default-cnn``, ...; :data:`evolq.zoo.ZOO`).
 The folder receives the checkpoint and its model card under the embedded files' names; the
-checkpoint loads with ``--model default --checkpoint FOLDER/fmnist_vit.safetensors``. The
-embedded model is never overwritten: replacing it is a deliberate copy into ``evolq/zoo/``.
+checkpoint loads with ``--model NAME --checkpoint FOLDER/<file>.safetensors``. The embedded
+model is never overwritten: replacing it is a deliberate copy into ``evolq/zoo/``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evolq.data import load_fmnist
+from evolq.data import fmnist_for, stack
 from evolq.evaluate import top1
 from evolq.files import atomic_path, save_tensors, sha256, write_json
-from evolq.zoo import DEFAULT_ARCH, DEFAULT_CARD, DEFAULT_CHECKPOINT, default_architecture
+from evolq.zoo import zoo_model
 
 DEFAULT_OUT = "runs/train-default"
 
@@ -53,18 +54,20 @@ def _augment(images: torch.Tensor, padding: int, generator: torch.Generator) -> 
     return cropped
 
 
-def train_default(recipe: Recipe = Recipe(), out: str | Path = DEFAULT_OUT, data_dir: str | None = None) -> dict:
-    """Train; write ``out/fmnist_vit.safetensors`` and its model card ``out/fmnist_vit.json``.
+def train_default(recipe: Recipe = Recipe(), out: str | Path = DEFAULT_OUT, data_dir: str | None = None,
+                  model_name: str = "default") -> dict:
+    """Train the embedded model ``model_name``; write ``out/<file>.safetensors`` and its model card ``out/<file>.json``.
 
     ``out/state.pt`` keeps the training state after every epoch; a run finds it and resumes.
     Returns the model card, with the checkpoint's path under ``checkpoint``.
     """
+    entry = zoo_model(model_name)
     torch.manual_seed(recipe.seed)
     out = Path(out)
-    state_file, checkpoint, card = out / "state.pt", out / DEFAULT_CHECKPOINT.name, out / DEFAULT_CARD.name
-    train_x, train_y = load_fmnist("train", data_dir)
-    test_x, test_y = load_fmnist("test", data_dir)
-    model = default_architecture()
+    state_file, checkpoint, card = out / "state.pt", out / entry.checkpoint.name, out / entry.card.name
+    model = entry.architecture()
+    train_x, train_y = stack(fmnist_for(model, "train", data_dir))  # at the model's input size
+    test_x, test_y = stack(fmnist_for(model, "test", data_dir))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(train_x) / recipe.batch_size)
     total, warmup = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
@@ -103,9 +106,13 @@ def train_default(recipe: Recipe = Recipe(), out: str | Path = DEFAULT_OUT, data
             torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
                             generator=generator.get_state(), epoch=epoch + 1, log=log), tmp)
     save_tensors(checkpoint, model.state_dict())
+    family = entry.family
     info = dict(
-        name="evolq fmnist_vit",
-        architecture=dict(family="timm.models.vision_transformer.VisionTransformer", **DEFAULT_ARCH),
+        name=f"evolq {entry.file}",
+        model=entry.name,
+        architecture=dict(family=f"{family.__module__}.{family.__name__}", **entry.arch,
+                          **{key: value.__name__ for key, value in entry.extra.items()}),
+        input_size=list(entry.input_size),
         parameters=sum(p.numel() for p in model.parameters()),
         recipe=asdict(recipe),
         data=f"Fashion-MNIST train ({len(train_x):,} images), evaluated on the {len(test_x):,} test images",
@@ -114,7 +121,7 @@ def train_default(recipe: Recipe = Recipe(), out: str | Path = DEFAULT_OUT, data
         train_seconds_this_session=round(time.time() - started, 1),
         torch=torch.__version__,
         sha256=sha256(checkpoint),
-        command="evolq train-default",
+        command=f"evolq train-default --model {entry.name} --epochs {recipe.epochs} --seed {recipe.seed}",
     )
     write_json(card, info)
     return dict(info, checkpoint=str(checkpoint))

@@ -82,3 +82,34 @@ def assert_only_neighbouring_levels(logits: torch.Tensor, plain: torch.Tensor, s
     steps = (logits - plain).abs() / step
     torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)
     assert (logits - plain).abs().mean() <= 0.02 * plain.abs().mean(), f"{int((steps > 0.5).sum())} logits moved"
+
+
+# Small random-weight instances of every non-ViT family (timm names, their kwargs, the input side):
+# a few blocks each, so that calibration and a forward take well under a second on one thread.
+SMALL_FAMILY_MODELS = {
+    "resnet": ("resnet18", {}, 32),
+    "efficientnet": ("mobilenetv2_050", {}, 32),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=24, depths=(2, 2), num_heads=(2, 4)), 56),
+    "levit": ("levit_128s", dict(img_size=64), 64),
+}
+
+
+def small_family_model(family: str, seed: int = 0) -> tuple[nn.Module, int]:
+    """A small random-weight timm model of ``family`` (10 classes) in eval mode, and its input side.
+
+    BatchNorm statistics are drawn too (timm's fresh ones are mean 0, variance 1, which would make
+    folding a no-op that a test could not tell from a wrong fold).
+    """
+    import timm
+
+    name, kwargs, side = SMALL_FAMILY_MODELS[family]
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.1)
+    return model.eval(), side

@@ -165,7 +165,7 @@ def test_a_model_input_that_gray_images_cannot_become_is_one_line():
         load_data("fmnist", model, calib_size=1, selection_size=1)
 
 
-def test_a_model_without_an_input_size_is_one_line():
-    with pytest.raises(UsageError, match="model 'Linear' does not say its input size") as error:
+def test_a_model_without_a_convolution_to_read_its_input_from_is_one_line():
+    with pytest.raises(UsageError, match="model 'Linear' has no convolution to read its input channels from") as error:
         load_data("fmnist", torch.nn.Linear(2, 2), calib_size=1, selection_size=1)
     assert "\n" not in str(error.value)

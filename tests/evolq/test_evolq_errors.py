@@ -27,9 +27,9 @@ def test_near_miss_name_gets_suggestions():
         create_model("deit_tiny_patch16_22")
 
 
-@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224"])
-def test_non_vit_models_are_not_supported(name):
-    with pytest.raises(UsageError, match=rf"model '{name}' is not supported; allowed: 'default' or a timm name"):
+@pytest.mark.parametrize("name", ["convnext_tiny", "pit_ti_224", "regnetx_002"])
+def test_models_of_other_families_are_not_supported(name):
+    with pytest.raises(UsageError, match=rf"model '{name}' is not supported; allowed: default, default-cnn, default-swin, default-levit or a timm name"):
         create_model(name)
 
 

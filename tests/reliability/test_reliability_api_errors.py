@@ -28,7 +28,7 @@ DIM = 256  # qkv (192) + proj (64) output channels of the default architecture
 
 # -- names and numbers -----------------------------------------------------------------------
 @pytest.mark.parametrize("make, needles", [
-    (lambda: create_model("resnet50"), ["'resnet50'", "allowed"]),
+    (lambda: create_model("convnext_tiny"), ["'convnext_tiny'", "allowed"]),
     (lambda: QuantConfig.preset("int4"), ["'int4'", "w4a8"]),
     (lambda: QuantConfig(wbits=9), ["wbits 9", "2..8"]),
     (lambda: QuantConfig(abits=1), ["abits 1", "2..8"]),
@@ -206,7 +206,7 @@ def no_calibration(monkeypatch):
     pytest.param(dict(preset="w4b8"), id="preset"),
     pytest.param(dict(calib_size=0), id="calib_size"),
     pytest.param(dict(calib_size=1200), id="calib_size_too_large"),
-    pytest.param(dict(model="resnet50"), id="model"),
+    pytest.param(dict(model="convnext_tiny"), id="model"),
     pytest.param(dict(optimizer="foo"), id="optimizer"),
     pytest.param(dict(loss="l2"), id="loss"),
     pytest.param(dict(passes=0), id="passes"),

@@ -39,7 +39,7 @@ def quantize(checkpoint, fmnist):
 
 # -- names -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra, rc, needles", [
-    (["--model", "resnet50"], 2, ["'resnet50'", "allowed", "vit_", "deit_"]),
+    (["--model", "convnext_tiny"], 2, ["'convnext_tiny'", "allowed", "vit_", "deit_"]),
     (["--model", "vit_tiny_patch16_2244"], 2, ["'vit_tiny_patch16_2244'", "did you mean vit_tiny_patch16_224"]),
     (["--preset", "w4b8"], 2, ["'w4b8'", "allowed", "w4a8"]),
     (["--preset", "w9a8"], 2, ["9", "2..8"]),
@@ -287,10 +287,10 @@ def test_compare_rejects_bad_values(tmp_path, extra, needles):
 def test_debug_lets_the_exception_through(tmp_path, where):
     from evolq.cli import main
 
-    command = ["quantize", "--model", "resnet50", "--out", str(tmp_path / "out")]
+    command = ["quantize", "--model", "convnext_tiny", "--out", str(tmp_path / "out")]
     handler = signal.getsignal(signal.SIGTERM)
     try:
-        with pytest.raises(UsageError, match="'resnet50'"):
+        with pytest.raises(UsageError, match="'convnext_tiny'"):
             main(["--debug", *command] if where == "before" else [*command, "--debug"])
     finally:
         signal.signal(signal.SIGTERM, handler)
@@ -310,6 +310,6 @@ def test_an_internal_error_is_not_a_usage_error(monkeypatch, tmp_path, error):
 
 
 def test_real_entry_point_exit_codes_and_no_traceback(tmp_path):
-    outcome = run_cli("quantize", "--model", "resnet50", "--out", tmp_path / "out", log_dir=tmp_path, name="bad")
-    outcome.check_error(2, "'resnet50'", "allowed")
+    outcome = run_cli("quantize", "--model", "convnext_tiny", "--out", tmp_path / "out", log_dir=tmp_path, name="bad")
+    outcome.check_error(2, "'convnext_tiny'", "allowed")
     assert outcome.stdout == ""
