@@ -257,7 +257,7 @@ def _train_parser(commands) -> None:
 
     parser = commands.add_parser("train-default", help="train an embedded model into a run folder (resumable)")
     parser.add_argument("--model", default="default", choices=list(ZOO),
-                        help="the embedded model to train: default (the ViT), default-cnn, default-swin or default-levit")
+                        help="the embedded model to train: default-cnn, default-swin, default-levit or default (default: default, the ViT)")
     parser.add_argument("--epochs", type=int,
                         help=f"training epochs (default: the model's, {Recipe.epochs} for the default ViT)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
