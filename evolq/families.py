@@ -59,16 +59,15 @@ class Family:
         return any(fnmatch.fnmatch(name.split(".")[0], pattern) for pattern in self.patterns)
 
 
-def _quantize_with(prepare: Callable[[nn.Module, QuantConfig], list[str]]):
-    """The quantization of a non-ViT family: fold BatchNorms, the family's own ``prepare`` (which returns the
-    paths of the layers whose outputs are quantized besides the classifier), every other layer, and under
-    ``placement="full"`` every unit's output."""
+def _quantize_with(prepare: Callable[[nn.Module, QuantConfig], None]):
+    """The quantization of a non-ViT family: fold BatchNorms, the family's own ``prepare`` (its attention),
+    every other layer (the classifier's output too), and under ``placement="full"`` every unit's output."""
 
     def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
         family = family_of(model)
         fold_batch_norms(model)
-        outputs = prepare(model, config)
-        quantize_layers(model, config, outputs=[*outputs, *_classifiers(model)])
+        prepare(model, config)
+        quantize_layers(model, config, outputs=_classifiers(model))
         if config.placement == "full":
             quantize_outputs(family.units(model), config)
         return model
@@ -84,25 +83,23 @@ def _classifiers(model: nn.Module) -> list[str]:
     return [path for path, module in model.named_modules() if id(module) in ids]
 
 
-def _nothing(model: nn.Module, config: QuantConfig) -> list[str]:
-    return []
+def _nothing(model: nn.Module, config: QuantConfig) -> None:
+    """CNNs have no attention to prepare."""
 
 
-def _swin_attention(model: nn.Module, config: QuantConfig) -> list[str]:
+def _swin_attention(model: nn.Module, config: QuantConfig) -> None:
     for block in _swin_units(model):
         if isinstance(block, SwinTransformerBlock):
             quantize_window_attention(block.attn, config)
-    return []
 
 
-def _levit_attention(model: nn.Module, config: QuantConfig) -> list[str]:
+def _levit_attention(model: nn.Module, config: QuantConfig) -> None:
     if model.use_conv:
         raise UsageError("LeViT's convolutional variant (levit_conv_*) is not supported; allowed: a levit_* name "
                          "without 'conv' (its tokens are a sequence)")
     for unit in _levit_units(model):
         name = "attn" if isinstance(unit, LevitBlock) else "attn_downsample"
         setattr(unit, name, QLevitAttention(getattr(unit, name), config))
-    return []
 
 
 def _not_identity(modules) -> list[nn.Module]:
