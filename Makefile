@@ -1,10 +1,13 @@
-# Set-up and the two jobs of README.md. `make demo` quantizes the embedded default model;
+# Set-up and the two jobs of README.md. `make demo` quantizes the embedded default model
+# (`make demo MODEL=default-cnn`: another embedded model, into runs/demo-default-cnn);
 # `make test` runs the test suite. Both create .venv and install everything on first use, at the
 # exact versions of constraints.txt (pyproject.toml itself declares only ranges).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+MODEL ?= default
+DEMO_OUT := runs/$(if $(filter default,$(MODEL)),demo,demo-$(MODEL))
 
 .PHONY: setup data demo test train-default benchmark clean
 
@@ -27,13 +30,13 @@ data:
 	fi
 
 demo: setup
-	$(BIN)/evolq quantize --out runs/demo
+	$(BIN)/evolq quantize --model $(MODEL) --out $(DEMO_OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 train-default: setup
-	$(BIN)/evolq train-default
+	$(BIN)/evolq train-default --model $(MODEL)
 
 benchmark: setup
 	$(BIN)/python benchmarks/objective.py
