@@ -81,10 +81,10 @@ ZOO: dict[str, ZooModel] = {entry.name: entry for entry in (
              epochs=8, extra=dict(block=BasicBlock)),
     ZooModel("default-swin", "fmnist_swin", SwinTransformer,
              dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depths=(2, 2),
-                  num_heads=(2, 4), window_size=7), epochs=8),
+                  num_heads=(2, 4), window_size=7), epochs=10),
     ZooModel("default-levit", "fmnist_levit", Levit,
              dict(img_size=56, in_chans=1, num_classes=10, embed_dim=(64, 128), key_dim=16, depth=(2, 2),
-                  num_heads=(2, 4), stem_type="s8"), input_size=(1, 56, 56), epochs=8),
+                  num_heads=(2, 4), stem_type="s8"), input_size=(1, 56, 56), epochs=12),
 )}
 
 
