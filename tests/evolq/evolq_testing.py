@@ -105,6 +105,7 @@ def small_family_model(family: str, seed: int = 0) -> tuple[nn.Module, int]:
     name, kwargs, side = SMALL_FAMILY_MODELS[family]
     torch.manual_seed(seed)
     model = timm.create_model(name, num_classes=10, **kwargs)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, side, side))  # timm's says 224
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
