@@ -180,6 +180,37 @@ def test_export_leaves_the_model_as_it_was(models, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # written atomically: no temporary left
 
 
+@pytest.mark.parametrize("checks_failing", [1, 2])
+def test_an_invalid_optimized_graph_is_exported_again_unoptimized(checks_failing, models, tmp_path, monkeypatch):
+    check, calls = onnx.checker.check_model, []
+
+    def failing_check(model, full_check=False):
+        calls.append(model)
+        if len(calls) <= checks_failing:  # as the optimizer's dangling constant fails it on a ResNet
+            raise onnx.checker.ValidationError("Nodes in a graph must be topologically sorted")
+        return check(model, full_check=full_check)
+
+    export, optimized = torch.onnx.export, []
+
+    def recording_export(*args, **kwargs):
+        optimized.append(kwargs["optimize"])
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", failing_check)
+    monkeypatch.setattr(torch.onnx, "export", recording_export)
+    path = tmp_path / "model.onnx"
+    if checks_failing == 2:
+        with pytest.raises(evolq.RunError, match="invalid graph for model VisionTransformer "
+                                                 r"\(Nodes in a graph must be topologically sorted\)"):
+            export_onnx(models["full"], path, IMAGES[:1])
+        assert not path.exists() and optimized == [True, False]
+        return
+    export_onnx(models["full"], path, IMAGES[:1])
+    assert optimized == [True, False]
+    nodes, expected = count_nodes(path), expected_qdq(models["full"])
+    assert {op: nodes[op] for op in expected} == expected  # unoptimized: every pair as evolq calls it
+
+
 def test_an_uncalibrated_model_is_refused_in_one_line(tmp_path):
     with pytest.raises(evolq.UsageError, match="not calibrated"):
         export_onnx(evolq.QuantizedModel(small_vit(), "w4a8"), tmp_path / "model.onnx", IMAGES[:1])
