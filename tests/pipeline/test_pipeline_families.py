@@ -1,7 +1,8 @@
-"""`evolq quantize`, `landscape` and `export` on random-weight timm models of every family, end to end.
+"""`evolq quantize` and `landscape` end to end on every family: random-weight timm models and the trained zoo models.
 
-The models are timm's own names at their own input size (224 px, Fashion-MNIST adapted), so the
-settings are tiny: a handful of images, one pass, two evaluations per block.
+The timm models are timm's own names at their own input size (224 px, Fashion-MNIST adapted), so
+the settings are tiny: a handful of images, one pass, two evaluations per block. The zoo models
+(28-56 px) are cheap enough to run on 500 test images and check that they are trained.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from evolq.cli import main
 from evolq.files import save_tensors
 from evolq.models import create_model
 from evolq.pipeline import prepare
+from evolq.zoo import ZOO
 
 TINY = ["--calib-size", "4", "--selection-size", "4", "--eval-size", "4", "--passes", "1",
         "--evaluations-per-block", "2", "--seed", "3"]
@@ -63,3 +65,13 @@ def test_landscape_slices_a_cnn_block(tmp_path):
     summary = json.loads((out / "roughness.json").read_text())
     assert summary["block"] == 16 and set(summary) >= {"quantized", "reference"}
     assert (out / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name", [name for name, entry in ZOO.items() if name != "default" and entry.checkpoint.is_file()])
+def test_quantize_searches_the_trained_model_of_a_family(name, tmp_path):
+    out = tmp_path / name
+    assert main(["quantize", "--model", name, "--preset", "w4a4", "--out", str(out), "--calib-size", "64",
+                 "--selection-size", "64", "--eval-size", "500", "--passes", "1", "--evaluations-per-block", "2"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["fp_top1"] > 80.0  # trained weights (chance is 10 %)
+    assert result["calib_loss_final"] <= result["calib_loss_ptq"]
