@@ -2,8 +2,8 @@
 
     python benchmarks/search_spaces.py --presets w4a4,w3a4 --variants paper,weights,all,cmaes-all,oneplusone-all
 
-Every cell (preset, variant, seed) is one ``evolq quantize`` run on the default model (10 passes,
-4 evaluations per block visit: 240 evaluations) in ``--out/<preset>-<variant>-seed<seed>/``; a
+Every cell (preset, variant, seed) is one ``evolq quantize`` run on ``--model`` (default: the
+default model; 10 passes, 4 evaluations per block visit: 240 evaluations there) in ``--out/<preset>-<variant>-seed<seed>/``; a
 finished cell is read back, an interrupted one resumed. Every cell picks its pass by selection
 top-1 unless its variant says ``by-loss`` (the measured table predates the loss default of the
 ``weights`` and ``all`` spaces). Seeds change the calibration and
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--presets", default="w4a4,w3a4")
     parser.add_argument("--variants", default="paper,weights,all,cmaes-all,oneplusone-all",
                         help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--model", default="default", help="the model of every cell (an embedded or timm name)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/spaces")
@@ -74,7 +75,8 @@ def main() -> None:
     for preset in args.presets.split(","):
         for variant in args.variants.split(","):
             settings, ratio_eps = VARIANTS[variant]
-            base = replace(RunConfig(preset=preset, threads=args.threads, select_by="top1"), **settings)
+            base = replace(RunConfig(model=args.model, preset=preset, threads=args.threads, select_by="top1"),
+                           **settings)
             results = [run_cell(Path(args.out) / f"{preset}-{variant}-seed{seed}", replace(base, seed=seed), ratio_eps)
                        for seed in range(args.seeds)]
             ptq = np.array([r["ptq_top1"] for r in results])
