@@ -40,7 +40,8 @@ def _add_debug(parser: argparse.ArgumentParser, default: object = False) -> None
 
 def _add_common(parser: argparse.ArgumentParser, out: str) -> None:
     """Model, data and quantization options; ``out`` says where the outputs go by default."""
-    parser.add_argument("--model", default="default", help="'default' (default: the embedded Fashion-MNIST ViT) or a timm name: vit_*, deit_*, resnet*, "
+    parser.add_argument("--model", default="default", help="'default' (default: the embedded Fashion-MNIST ViT), another embedded model "
+                             "(default-cnn, default-swin, default-levit) or a timm name: vit_*, deit_*, resnet*, "
                              "mobilenetv2_*, efficientnet_*, swin_*, levit_* (docs/usage.md)")
     parser.add_argument("--checkpoint", help="weights for --model: a safetensors or weights-only torch file")
     parser.add_argument("--pretrained", action="store_true",
@@ -49,6 +50,8 @@ def _add_common(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--data-dir", help="folder of the Fashion-MNIST *-ubyte.gz files (default: $EVOLQ_FMNIST_DIR or the Debian package's)")
     parser.add_argument("--wbits", type=int, help="weight bits, 2..8 (overrides the preset)")
     parser.add_argument("--abits", type=int, help="activation bits, 2..8 (overrides the preset)")
+    parser.add_argument("--input-bits", type=int,
+                        help="bits of the image's quantizer, 2..8 (default: the activation bits, as in the paper)")
     parser.add_argument("--placement", default="full",
                         help="which tensors are quantized: full (default, FQ-ViT's fully quantized ViT as in the paper; "
                              "other families: also every block's output) or inputs (only the inputs of matmuls "
@@ -113,7 +116,8 @@ def _config(args: argparse.Namespace, **extra) -> RunConfig:
     """The run configuration named by the model, data and quantization options."""
     settings = dict(
         model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
-        data_dir=args.data_dir, wbits=args.wbits, abits=args.abits, calib_size=args.calib_size,
+        data_dir=args.data_dir, wbits=args.wbits, abits=args.abits, input_bits=args.input_bits,
+        calib_size=args.calib_size,
         selection_size=args.selection_size, device=args.device, loss=args.loss, placement=args.placement,
         reuse_freed_memory=args.reuse_freed_memory,
     )

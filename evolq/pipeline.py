@@ -48,6 +48,7 @@ class RunConfig:
     preset: str = DEMO_PRESET
     wbits: int | None = None
     abits: int | None = None
+    input_bits: int | None = None  # the image's quantizer; None: abits (QuantConfig.input_bits)
     placement: str = "full"
     calib_size: int = 1000
     selection_size: int = 1000
@@ -77,7 +78,8 @@ class RunConfig:
     def quant_config(self) -> QuantConfig:
         base = QuantConfig.preset(self.preset)
         return base.with_(wbits=base.wbits if self.wbits is None else self.wbits,
-                          abits=base.abits if self.abits is None else self.abits, placement=self.placement)
+                          abits=base.abits if self.abits is None else self.abits, placement=self.placement,
+                          input_bits=self.input_bits)
 
     def check(self) -> None:
         """Fail on a bad setting now, with one line, rather than after minutes of calibration."""

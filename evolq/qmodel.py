@@ -16,6 +16,7 @@ from evolq.blocks import Block, discover_blocks
 from evolq.errors import UsageError
 from evolq.families import family_of
 from evolq.quant.config import QuantConfig
+from evolq.quant.generic import quantize_image_apart
 from evolq.quant.layers import QuantWeightLayer
 from evolq.quant.quantizer import Log2Quantizer, UniformQuantizer
 
@@ -35,6 +36,7 @@ class QuantizedModel(nn.Module):
         self.config = QuantConfig.preset(config) if isinstance(config, str) else config
         self.family = family_of(model)
         self.model = self.family.quantize(copy.deepcopy(model).eval(), self.config)
+        quantize_image_apart(self.model, self.config)
         self.units: list[nn.Module] = self.family.units(self.model)
         self.blocks: list[Block] = discover_blocks(self.model)  # the paper's space
         self._starts = [self.units.index(block.module) for block in self.blocks]  # each block's unit

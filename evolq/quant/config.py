@@ -30,6 +30,10 @@ class QuantConfig:
     output observed like the other activations. ``"inputs"`` quantizes only what the matmuls
     and LayerNorms read (their inputs) and leaves the residual stream, the scores and
     LayerNorm itself in float: milder, kept as an option.
+
+    ``input_bits`` sets the image's quantizer (the first layer's input) apart from ``abits``, as
+    deployments often keep the image at 8 bits under 4-bit activations; None (the default, the
+    paper's setting) quantizes it at ``abits``.
     """
 
     wbits: int = 8
@@ -40,11 +44,14 @@ class QuantConfig:
     softmax_bits: int = 8
     bias_correction: bool = True
     placement: str = "full"
+    input_bits: int | None = None
 
     def __post_init__(self) -> None:
         check_bits("wbits", self.wbits)
         check_bits("abits", self.abits)
         check_bits("softmax_bits", self.softmax_bits)
+        if self.input_bits is not None:
+            check_bits("input_bits", self.input_bits)
         for what, value, allowed in (("activation observer", self.act_observer, tuple(OBSERVERS)),
                                      ("softmax quantizer", self.softmax, SOFTMAX_KINDS),
                                      ("placement", self.placement, PLACEMENTS)):
@@ -64,7 +71,8 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
-        return f"w{self.wbits}a{self.abits}"
+        image = "" if self.input_bits is None else f"i{self.input_bits}"
+        return f"w{self.wbits}a{self.abits}{image}"
 
     def to_dict(self) -> dict:
         return asdict(self)

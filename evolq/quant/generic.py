@@ -22,10 +22,18 @@ from evolq.quant.observers import MinMaxObserver, make_observer
 from evolq.quant.quantizer import Log2Quantizer, UniformQuantizer
 
 
-def activation_quantizer(config: QuantConfig) -> UniformQuantizer:
-    """A per-tensor activation quantizer of ``config``'s bits and observer."""
-    bit_type = BitType(config.abits)
+def activation_quantizer(config: QuantConfig, bits: int | None = None) -> UniformQuantizer:
+    """A per-tensor activation quantizer of ``config``'s observer and bits (or ``bits``)."""
+    bit_type = BitType(config.abits if bits is None else bits)
     return UniformQuantizer(bit_type, make_observer(config.act_observer, bit_type))
+
+
+def quantize_image_apart(model: nn.Module, config: QuantConfig) -> None:
+    """The image's quantizer at ``config.input_bits`` where that is set: the input quantizer of the model's
+    first weight layer (timm builds every model's stem or patch embedding first)."""
+    if config.input_bits is not None:
+        first = next(module for module in model.modules() if isinstance(module, QuantWeightLayer))
+        first.input_quant = activation_quantizer(config, config.input_bits)
 
 
 def weight_quantizer(config: QuantConfig) -> UniformQuantizer:
