@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import time
+import timeit
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -35,27 +34,17 @@ from search_spaces import run_cell  # benchmarks/ is on the path when this scrip
 PRESETS = "w8a8,w4a8,w3a8,w4a4"
 
 
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls, as ``timeit`` reports."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
 def seconds_per_evaluation(prepared: Prepared, repeats: int, seed: int = 0) -> dict:
     """Seconds of one block-objective evaluation (mean over blocks) and of one plain full forward."""
     qmodel, images = prepared.qmodel, prepared.calib_images
     targets = fp_logits(qmodel, images)
-    full_forward = best_seconds(lambda: model_loss(qmodel, images, targets), repeats)
+    full_forward = min(timeit.repeat(lambda: model_loss(qmodel, images, targets), number=1, repeat=repeats))
     rng = np.random.default_rng(seed)
     per_block = []
     for block in qmodel.blocks:
         f = BlockObjective(qmodel, block.index, images, targets=targets)
         points = iter(f.x0 * (1 + 1e-3 * rng.standard_normal((repeats, f.dim))))  # fresh points: f remembers losses
-        per_block.append(best_seconds(lambda: f(next(points)), repeats))
+        per_block.append(min(timeit.repeat(lambda: f(next(points)), number=1, repeat=repeats)))
         block.set_scales(f.x0)
     objective = float(np.mean(per_block))
     return dict(objective_s=objective, full_forward_s=full_forward, speedup=full_forward / objective,

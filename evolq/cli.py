@@ -255,9 +255,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _train_parser(commands) -> None:
-    from evolq.zoo.train import DEFAULT_OUT, Recipe
-
     from evolq.zoo import ZOO
+    from evolq.zoo.train import Recipe
 
     parser = commands.add_parser("train-default", help="train an embedded model into a run folder (resumable)")
     parser.add_argument("--model", default="default", choices=list(ZOO),
@@ -266,7 +265,7 @@ def _train_parser(commands) -> None:
                         help=f"training epochs (default: the model's, {Recipe.epochs} for the default ViT)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
     parser.add_argument("--out", help="run folder for the checkpoint, its model card and the resumable state "
-                                      f"(default {DEFAULT_OUT} for the default ViT, runs/train-<model> for the others)")
+                                      "(default runs/train-<model>)")
     parser.add_argument("--data-dir", help="folder of the Fashion-MNIST *-ubyte.gz files (default: $EVOLQ_FMNIST_DIR or the Debian package's)")
     parser.set_defaults(handler=_train)
 
@@ -274,9 +273,9 @@ def _train_parser(commands) -> None:
 def _train(args: argparse.Namespace) -> int:
     from evolq.files import writable_folder
     from evolq.zoo import ZOO
-    from evolq.zoo.train import DEFAULT_OUT, Recipe, train_default
+    from evolq.zoo.train import Recipe, default_out, train_default
 
-    out = args.out or (DEFAULT_OUT if args.model == "default" else f"runs/train-{args.model}")
+    out = args.out or default_out(args.model)
     writable_folder(out)
     epochs = ZOO[args.model].epochs if args.epochs is None else args.epochs
     card = train_default(Recipe(seed=args.seed, epochs=epochs), out=out, data_dir=args.data_dir,

@@ -6,7 +6,8 @@ the ViT layers do; the classifier's logits and the outputs named by the family (
 q/k/v producers, one quantizer for the three) are quantized too. ``placement="full"`` also
 quantizes the output of every unit of the model's sequence (each residual block, downsampling
 or patch-merging layer), so no float tensor crosses a block boundary: the skip connections
-carry the quantized stream. ``"inputs"`` leaves those outputs in float.
+carry the quantized stream. ``"inputs"`` leaves those outputs in float. The quantizer helpers
+here serve the ViT's conversion too, and :func:`quantize_image_apart` every family.
 """
 
 from __future__ import annotations

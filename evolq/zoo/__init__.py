@@ -66,6 +66,12 @@ class ZooModel:
         model.pretrained_cfg = dict(input_size=self.input_size, **FMNIST_CONFIG)
         return model
 
+    def architecture_record(self) -> dict:
+        """The architecture as its model card records it: the timm class's path and the arguments (classes by name)."""
+        family = self.family
+        return dict(family=f"{family.__module__}.{family.__name__}", **self.arch,
+                    **{key: value.__name__ for key, value in self.extra.items()})
+
     def load(self, checkpoint: str | Path | None = None) -> nn.Module:
         """The trained model in eval mode, from the shipped file (or ``checkpoint``), offline."""
         if checkpoint is None and not self.checkpoint.is_file():

@@ -22,7 +22,10 @@ from evolq.evaluate import top1
 from evolq.files import atomic_path, save_tensors, sha256, write_json
 from evolq.zoo import zoo_model
 
-DEFAULT_OUT = "runs/train-default"
+
+def default_out(model_name: str) -> str:
+    """Where ``evolq train-default --model NAME`` trains unless told: ``runs/train-NAME``."""
+    return f"runs/train-{model_name}"
 
 
 @dataclass
@@ -54,16 +57,17 @@ def _augment(images: torch.Tensor, padding: int, generator: torch.Generator) -> 
     return cropped
 
 
-def train_default(recipe: Recipe = Recipe(), out: str | Path = DEFAULT_OUT, data_dir: str | None = None,
+def train_default(recipe: Recipe = Recipe(), out: str | Path | None = None, data_dir: str | None = None,
                   model_name: str = "default") -> dict:
     """Train the embedded model ``model_name``; write ``out/<file>.safetensors`` and its model card ``out/<file>.json``.
 
     ``out/state.pt`` keeps the training state after every epoch; a run finds it and resumes.
-    Returns the model card, with the checkpoint's path under ``checkpoint``.
+    ``out`` defaults to :func:`default_out`. Returns the model card, with the checkpoint's path under
+    ``checkpoint``.
     """
     entry = zoo_model(model_name)
     torch.manual_seed(recipe.seed)
-    out = Path(out)
+    out = Path(default_out(model_name) if out is None else out)
     state_file, checkpoint, card = out / "state.pt", out / entry.checkpoint.name, out / entry.card.name
     model = entry.architecture()
     train_x, train_y = stack(fmnist_for(model, "train", data_dir))  # at the model's input size
@@ -106,12 +110,10 @@ def train_default(recipe: Recipe = Recipe(), out: str | Path = DEFAULT_OUT, data
             torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
                             generator=generator.get_state(), epoch=epoch + 1, log=log), tmp)
     save_tensors(checkpoint, model.state_dict())
-    family = entry.family
     info = dict(
         name=f"evolq {entry.file}",
         model=entry.name,
-        architecture=dict(family=f"{family.__module__}.{family.__name__}", **entry.arch,
-                          **{key: value.__name__ for key, value in entry.extra.items()}),
+        architecture=entry.architecture_record(),
         input_size=list(entry.input_size),
         parameters=sum(p.numel() for p in model.parameters()),
         recipe=asdict(recipe),
